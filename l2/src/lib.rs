@@ -1,1 +1,62 @@
-//! placeholder
+//! The Redis tier (L2) of the tiered cache.
+//!
+//! What it is for: everything that touches Redis for the cache's values.
+//! - [`Connection`]: one multiplexed connection that reconnects by itself, `TCP_NODELAY` on,
+//!   and a timeout on every command (250 ms by default), so a hung Redis is a typed
+//!   [`Error::Timeout`], never a hang.
+//! - [`RedisStore`]: typed get / set / delete, batch reads and writes in one round trip,
+//!   namespace clears by `SCAN` (never `KEYS`), and counters ([`StoreStats`]).
+//! - The envelope ([`Codec`], [`EntryMeta`], [`TypeTag`]): a binary header (magic, format
+//!   version, type tag, write version, deadlines relative to the write) before a MessagePack
+//!   payload. Bad bytes are distinct [`DecodeError`]s; reading them through the store deletes
+//!   them (compare-and-delete) and counts them.
+//! - [`KeySpace`] / [`Key`]: injective key encoding with a cluster hash tag.
+//! - The lock ([`RedisStore::try_lock`], [`RedisStore::unlock`], [`RedisStore::extend_lock`],
+//!   [`RedisStore::set_if_locked`]).
+//!
+//! What it is not for: the in-process tier, single-flight, or deciding when to lock or serve
+//! stale data (that is `tiered`). It knows nothing of moka.
+//!
+//! Every script and multi-key operation touches one key or one hash tag, so the same calls
+//! will run on Redis Cluster.
+//!
+//! ```no_run
+//! # async fn f() -> l2::Result<()> {
+//! use std::time::Duration;
+//! use l2::{Codec, Connection, EntryMeta, KeySpace, RedisStore, TypeTag};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct User { id: u64, name: String }
+//!
+//! let store = RedisStore::new(Connection::connect("redis://127.0.0.1:6379").await?);
+//! let codec = Codec::<User>::new(TypeTag::from_name("app.User/v1"));
+//! let key = KeySpace::new("users").key("42");
+//! let meta = EntryMeta::new(Duration::from_secs(300)).stale_while_revalidate(Duration::from_secs(60));
+//! store.set(&key, &codec, &User { id: 42, name: "alice".into() }, &meta).await?;
+//! if let Some(hit) = store.get(&key, &codec).await? {
+//!     println!("{} (fresh: {})", hit.value.name, hit.is_fresh());
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Consistency
+//! Each call is one round trip to one Redis. A read sees the latest write Redis acknowledged.
+//! Freshness is computed from the key's remaining life in Redis (PTTL), read atomically with
+//! the value, so it does not depend on the clocks of writer and reader agreeing.
+
+mod connection;
+mod envelope;
+mod error;
+mod keys;
+mod lock;
+mod store;
+
+pub use connection::{Connection, ConnectionBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
+pub use envelope::{
+    Codec, DEFAULT_MAX_SIZE, EntryMeta, FORMAT_VERSION, HEADER_LEN, Header, MAGIC, TypeTag,
+    decode_header,
+};
+pub use error::{DecodeError, Error, Result};
+pub use keys::{Key, KeySpace, MAX_KEY_LEN};
+pub use lock::Lock;
+pub use store::{Fetched, RedisStore, StoreStats};

@@ -1,0 +1,144 @@
+//! The errors of the Redis tier.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::envelope::TypeTag;
+
+/// Errors from the Redis tier. `Clone`, so single-flight followers can share one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Redis did not answer within the configured timeout (stopped, overloaded, or cut off).
+    #[error("redis `{op}` timed out after {after:?}")]
+    Timeout {
+        /// The operation that timed out.
+        op: &'static str,
+        /// The timeout that ran out.
+        after: Duration,
+    },
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis `{op}` failed")]
+    Redis {
+        /// The operation that failed.
+        op: &'static str,
+        /// The client's error.
+        #[source]
+        source: Arc<redis::RedisError>,
+    },
+    /// The bytes stored under a key are not a valid entry of the expected type. The entry was
+    /// deleted (unless it changed meanwhile) and counted.
+    #[error("the entry at `{key}` could not be decoded")]
+    Decode {
+        /// The Redis key.
+        key: String,
+        /// What was wrong with the bytes.
+        #[source]
+        source: DecodeError,
+    },
+    /// A value over the configured maximum size was refused on write.
+    #[error("an encoded value of {size} bytes is over the limit of {max} bytes")]
+    TooLarge {
+        /// The encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The value could not be encoded as MessagePack.
+    #[error("the value could not be encoded")]
+    Encode(#[source] Arc<rmp_serde::encode::Error>),
+    /// A time to live that Redis cannot take (under 1 ms).
+    #[error("invalid time to live {0:?}: it must be at least 1 ms")]
+    InvalidTtl(Duration),
+    /// The connection could not be configured (bad URL, bad option).
+    #[error("invalid redis configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Whether Redis is unreachable or too slow (timeouts, refused or dropped connections):
+    /// the caller should fall back (to L1, stale data, or the loader) rather than fail.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::Redis { source, .. } => {
+                source.is_timeout()
+                    || source.is_io_error()
+                    || source.is_connection_dropped()
+                    || source.is_connection_refusal()
+                    || source.is_unrecoverable_error()
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether this is a timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+            || matches!(self, Error::Redis { source, .. } if source.is_timeout())
+    }
+
+    /// Whether the stored bytes were not a valid entry.
+    pub fn is_decode(&self) -> bool {
+        matches!(self, Error::Decode { .. })
+    }
+
+    pub(crate) fn redis(op: &'static str, source: redis::RedisError) -> Self {
+        Error::Redis {
+            op,
+            source: Arc::new(source),
+        }
+    }
+}
+
+/// What is wrong with bytes that should be an entry. Each case is distinct, so metrics and
+/// logs can tell a foreign writer from a truncated write or a schema change.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The bytes do not start with this library's magic: another writer's data.
+    #[error("bad magic bytes: not written by this library")]
+    BadMagic,
+    /// Written by a format version this build does not know.
+    #[error("unsupported envelope format version {0}")]
+    UnsupportedVersion(u8),
+    /// Flags this build does not understand (for example a compression it lacks).
+    #[error("unsupported envelope flags {0:#04x}")]
+    UnsupportedFlags(u8),
+    /// Written for another type.
+    #[error("type mismatch: expected {expected}, found {found}")]
+    WrongType {
+        /// The type this reader expects.
+        expected: TypeTag,
+        /// The type the writer declared.
+        found: TypeTag,
+    },
+    /// Shorter than the header says.
+    #[error("truncated entry: {actual} bytes where {expected} were expected")]
+    Truncated {
+        /// The length the header implies.
+        expected: usize,
+        /// The length found.
+        actual: usize,
+    },
+    /// Longer than the header says.
+    #[error("{0} unexpected bytes after the payload")]
+    TrailingBytes(usize),
+    /// The freshness window is inconsistent (fresh longer than the whole life).
+    #[error("invalid header: fresh for {fresh_ms} ms but stale after {stale_ms} ms")]
+    BadDeadlines {
+        /// Fresh for, in ms.
+        fresh_ms: u64,
+        /// Whole life, in ms.
+        stale_ms: u64,
+    },
+    /// The MessagePack payload does not decode as the expected type.
+    #[error("corrupt payload")]
+    Payload(#[source] Arc<rmp_serde::decode::Error>),
+    /// The key holds a Redis type other than a string (a list, a hash, ...).
+    #[error("the key holds a non-string Redis value")]
+    NotAString,
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
