@@ -22,7 +22,10 @@ fn per_entry_time_to_live_is_honored() {
         cache.insert("long", long).await;
         assert_eq!(*cache.get("short").await.unwrap().value(), 1);
         tokio::time::sleep(Duration::from_millis(250)).await;
-        assert!(cache.get("short").await.is_none(), "short entry outlived its TTL");
+        assert!(
+            cache.get("short").await.is_none(),
+            "short entry outlived its TTL"
+        );
         assert_eq!(*cache.get("long").await.unwrap().value(), 2);
         // moka's timer wheel removes expired entries (and tells the listener) at ~1 s
         // granularity: poll, bounded.
@@ -45,7 +48,10 @@ fn freshness_window_inside_the_lifetime() {
         cache.insert("k", e).await;
         assert!(cache.get("k").await.unwrap().is_fresh());
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let hit = cache.get("k").await.expect("stale entries stay until their deadline");
+        let hit = cache
+            .get("k")
+            .await
+            .expect("stale entries stay until their deadline");
         assert!(!hit.is_fresh());
     });
 }
@@ -93,7 +99,9 @@ fn entry_bound_applies_with_the_byte_budget() {
             .max_entries(50)
             .build();
         for i in 0..500 {
-            cache.insert(format!("k{i}"), Entry::new("ns", 0).weight(1)).await;
+            cache
+                .insert(format!("k{i}"), Entry::new("ns", 0).weight(1))
+                .await;
         }
         cache.run_pending_tasks().await;
         assert!(cache.entry_count() <= 50, "{} entries", cache.entry_count());
@@ -106,17 +114,25 @@ fn namespace_invalidation_is_exact_even_with_glob_characters() {
         let cache: LocalCache<u32> = LocalCache::builder().build();
         let namespaces = ["a", "a*", "a?", "a[", "a:b", "a:", "*", "ab"];
         for (i, ns) in namespaces.iter().enumerate() {
-            cache.insert(format!("{ns}|key"), Entry::new(*ns, i as u32)).await;
+            cache
+                .insert(format!("{ns}|key"), Entry::new(*ns, i as u32))
+                .await;
         }
         for victim in namespaces {
             let cache2: LocalCache<u32> = LocalCache::builder().build();
             for (i, ns) in namespaces.iter().enumerate() {
-                cache2.insert(format!("{ns}|key"), Entry::new(*ns, i as u32)).await;
+                cache2
+                    .insert(format!("{ns}|key"), Entry::new(*ns, i as u32))
+                    .await;
             }
             cache2.invalidate_namespace(victim).unwrap();
             for ns in namespaces {
                 let present = cache2.get(format!("{ns}|key").as_str()).await.is_some();
-                assert_eq!(present, ns != victim, "clearing {victim:?} wrongly affected {ns:?}");
+                assert_eq!(
+                    present,
+                    ns != victim,
+                    "clearing {victim:?} wrongly affected {ns:?}"
+                );
             }
         }
         // Entries inserted after the clear are not hidden by it.
@@ -153,9 +169,14 @@ fn invalidate_and_invalidate_all_count() {
 fn a_hit_shares_the_stored_value() {
     rt().block_on(async {
         let cache: LocalCache<Vec<u8>> = LocalCache::builder().build();
-        let stored = cache.insert("k", Entry::new("ns", vec![1, 2, 3]).version(9)).await;
+        let stored = cache
+            .insert("k", Entry::new("ns", vec![1, 2, 3]).version(9))
+            .await;
         let hit = cache.get("k").await.unwrap();
-        assert!(std::sync::Arc::ptr_eq(&stored, &hit), "a hit must not copy the value");
+        assert!(
+            std::sync::Arc::ptr_eq(&stored, &hit),
+            "a hit must not copy the value"
+        );
         assert_eq!(hit.write_version(), 9);
     });
 }

@@ -97,21 +97,21 @@ impl ConnectionBuilder {
             .into_connection_info()
             .map_err(|e| Error::Config(format!("bad redis URL: {}", e.kind_name())))?
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client =
-            redis::Client::open(info).map_err(|e| Error::Config(e.to_string()))?;
+        let client = redis::Client::open(info).map_err(|e| Error::Config(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.timeout))
             .set_connection_timeout(Some(self.connect_timeout))
             .set_number_of_retries(2)
             .set_max_delay(self.max_reconnect_delay);
         let bound = self.connect_timeout * 3 + Duration::from_millis(500);
-        let manager = tokio::time::timeout(bound, client.get_connection_manager_with_config(config))
-            .await
-            .map_err(|_| Error::Timeout {
-                op: "connect",
-                after: bound,
-            })?
-            .map_err(|e| Error::redis("connect", e))?;
+        let manager =
+            tokio::time::timeout(bound, client.get_connection_manager_with_config(config))
+                .await
+                .map_err(|_| Error::Timeout {
+                    op: "connect",
+                    after: bound,
+                })?
+                .map_err(|e| Error::redis("connect", e))?;
         Ok(Connection {
             manager,
             timeout: self.timeout,

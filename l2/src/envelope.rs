@@ -358,19 +358,34 @@ mod tests {
         let codec = Codec::<User>::new(USER);
         let good = codec.encode(&alice(), &meta()).unwrap();
 
-        assert!(matches!(codec.decode(b"hello world"), Err(DecodeError::BadMagic)));
+        assert!(matches!(
+            codec.decode(b"hello world"),
+            Err(DecodeError::BadMagic)
+        ));
         assert!(matches!(codec.decode(b""), Err(DecodeError::BadMagic)));
 
         let mut v = good.clone();
         v[4] = 9;
-        assert!(matches!(codec.decode(&v), Err(DecodeError::UnsupportedVersion(9))));
-        assert!(matches!(codec.decode(&v[..10]), Err(DecodeError::UnsupportedVersion(9))));
+        assert!(matches!(
+            codec.decode(&v),
+            Err(DecodeError::UnsupportedVersion(9))
+        ));
+        assert!(matches!(
+            codec.decode(&v[..10]),
+            Err(DecodeError::UnsupportedVersion(9))
+        ));
 
         let mut f = good.clone();
         f[5] = 1;
-        assert!(matches!(codec.decode(&f), Err(DecodeError::UnsupportedFlags(1))));
+        assert!(matches!(
+            codec.decode(&f),
+            Err(DecodeError::UnsupportedFlags(1))
+        ));
 
-        assert!(matches!(codec.decode(&good[..20]), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            codec.decode(&good[..20]),
+            Err(DecodeError::Truncated { .. })
+        ));
         assert!(matches!(
             codec.decode(&good[..good.len() - 1]),
             Err(DecodeError::Truncated { .. })
@@ -378,11 +393,17 @@ mod tests {
 
         let mut t = good.clone();
         t.push(0);
-        assert!(matches!(codec.decode(&t), Err(DecodeError::TrailingBytes(1))));
+        assert!(matches!(
+            codec.decode(&t),
+            Err(DecodeError::TrailingBytes(1))
+        ));
 
         let mut d = good.clone();
         d[22..30].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(codec.decode(&d), Err(DecodeError::BadDeadlines { .. })));
+        assert!(matches!(
+            codec.decode(&d),
+            Err(DecodeError::BadDeadlines { .. })
+        ));
 
         // A payload that is valid MessagePack of the wrong shape, with a consistent header.
         let mut p = good[..HEADER_LEN].to_vec();
@@ -404,10 +425,16 @@ mod tests {
     fn deadlines_are_validated_on_encode() {
         let codec = Codec::<User>::new(USER);
         let zero = EntryMeta::new(Duration::ZERO);
-        assert!(matches!(codec.encode(&alice(), &zero), Err(Error::InvalidTtl(_))));
+        assert!(matches!(
+            codec.encode(&alice(), &zero),
+            Err(Error::InvalidTtl(_))
+        ));
         let mut inverted = meta();
         inverted.stale_for = Duration::from_secs(1);
-        assert!(matches!(codec.encode(&alice(), &inverted), Err(Error::InvalidTtl(_))));
+        assert!(matches!(
+            codec.encode(&alice(), &inverted),
+            Err(Error::InvalidTtl(_))
+        ));
     }
 
     #[test]

@@ -83,9 +83,7 @@ impl KeySpace {
         V: AsRef<str>,
     {
         let mut params: Vec<(N, V)> = params.into_iter().collect();
-        params.sort_by(|a, b| {
-            (a.0.as_ref(), a.1.as_ref()).cmp(&(b.0.as_ref(), b.1.as_ref()))
-        });
+        params.sort_by(|a, b| (a.0.as_ref(), a.1.as_ref()).cmp(&(b.0.as_ref(), b.1.as_ref())));
         let mut escaped = String::with_capacity(path.len() + 16 * params.len());
         escape_into(path, &mut escaped, "?");
         for (i, (name, value)) in params.iter().enumerate() {
@@ -236,7 +234,10 @@ mod tests {
 
     #[test]
     fn glob_characters_are_escaped_in_patterns() {
-        assert_eq!(KeySpace::new("a*b?[c]\\").match_pattern(), "a\\*b\\?\\[c\\]\\\\:*");
+        assert_eq!(
+            KeySpace::new("a*b?[c]\\").match_pattern(),
+            "a\\*b\\?\\[c\\]\\\\:*"
+        );
     }
 
     fn decode(s: &str) -> String {

@@ -102,7 +102,7 @@ impl RedisStore {
             .arg("NX")
             .arg("PX")
             .arg(ms);
-        let reply: Option<String> = self.connection().query("lock", &cmd).await?;
+        let reply: Option<String> = self.note(self.connection().query("lock", &cmd).await)?;
         Ok(reply.map(|_| lock))
     }
 
@@ -112,13 +112,14 @@ impl RedisStore {
     /// # Errors
     /// [`Error::Timeout`] or [`Error::Redis`].
     pub async fn unlock(&self, lock: &Lock) -> Result<bool> {
-        let n: i64 = self
-            .connection()
-            .invoke(
-                "unlock",
-                DELETE_IF_EQUALS.key(&*lock.lock_key).arg(&*lock.token),
-            )
-            .await?;
+        let n: i64 = self.note(
+            self.connection()
+                .invoke(
+                    "unlock",
+                    DELETE_IF_EQUALS.key(&*lock.lock_key).arg(&*lock.token),
+                )
+                .await,
+        )?;
         Ok(n == 1)
     }
 
@@ -129,13 +130,14 @@ impl RedisStore {
     /// [`Error::InvalidTtl`], [`Error::Timeout`] or [`Error::Redis`].
     pub async fn extend_lock(&self, lock: &Lock, ttl: Duration) -> Result<bool> {
         let ms = px(ttl)?;
-        let n: i64 = self
-            .connection()
-            .invoke(
-                "extend lock",
-                EXTEND.key(&*lock.lock_key).arg(&*lock.token).arg(ms),
-            )
-            .await?;
+        let n: i64 = self.note(
+            self.connection()
+                .invoke(
+                    "extend lock",
+                    EXTEND.key(&*lock.lock_key).arg(&*lock.token).arg(ms),
+                )
+                .await,
+        )?;
         Ok(n == 1)
     }
 
@@ -154,18 +156,19 @@ impl RedisStore {
     ) -> Result<bool> {
         let bytes = codec.encode(value, meta)?;
         let ms = px(meta.stale_for)?;
-        let n: i64 = self
-            .connection()
-            .invoke(
-                "set if locked",
-                SET_IF_LOCKED
-                    .key(&*lock.lock_key)
-                    .key(&lock.data_key)
-                    .arg(&*lock.token)
-                    .arg(bytes.as_slice())
-                    .arg(ms),
-            )
-            .await?;
+        let n: i64 = self.note(
+            self.connection()
+                .invoke(
+                    "set if locked",
+                    SET_IF_LOCKED
+                        .key(&*lock.lock_key)
+                        .key(&lock.data_key)
+                        .arg(&*lock.token)
+                        .arg(bytes.as_slice())
+                        .arg(ms),
+                )
+                .await,
+        )?;
         Ok(n == 1)
     }
 }

@@ -170,7 +170,7 @@ impl RedisStore {
     }
 
     /// Counts a failed command.
-    fn note<T>(&self, r: Result<T>) -> Result<T> {
+    pub(crate) fn note<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             let counter = if e.is_timeout() {
                 &self.counters.timeouts
@@ -197,7 +197,9 @@ impl RedisStore {
         key: &Key,
         codec: &Codec<T>,
     ) -> Result<Option<Fetched<T>>> {
-        let raw = self.read_raw(std::slice::from_ref(key), codec.limit()).await?;
+        let raw = self
+            .read_raw(std::slice::from_ref(key), codec.limit())
+            .await?;
         let raw = raw.into_iter().next().unwrap_or(Raw::Missing);
         self.decode(key, raw, codec).await
     }
@@ -268,7 +270,9 @@ impl RedisStore {
                 return Ok(None);
             }
             Raw::Oversized => {
-                self.counters.oversized_reads.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .oversized_reads
+                    .fetch_add(1, Ordering::Relaxed);
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
                 return Ok(None);
             }
@@ -297,15 +301,10 @@ impl RedisStore {
                 // Evict the bad bytes, but only if they are still there: a fresh write that
                 // replaced them meanwhile must survive. A failure here is not the caller's
                 // problem; the decode error is.
-                let deleted: Result<i64> = self
-                    .conn
-                    .invoke(
-                        "evict corrupt",
-                        DELETE_IF_EQUALS.key(key).arg(bytes.as_slice()),
-                    )
-                    .await;
-                if let Ok(1) = self.note(deleted) {
-                    self.counters.evicted_corrupt.fetch_add(1, Ordering::Relaxed);
+                if let Ok(true) = self.delete_if_unchanged(key, &bytes).await {
+                    self.counters
+                        .evicted_corrupt
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 Err(Error::Decode {
                     key: key.to_string(),
@@ -313,6 +312,20 @@ impl RedisStore {
                 })
             }
         }
+    }
+
+    /// Deletes `key` only if it still holds exactly `bytes` (compare-and-delete in Lua), so a
+    /// write that replaced them meanwhile survives. Returns whether it deleted.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] or [`Error::Redis`].
+    pub async fn delete_if_unchanged(&self, key: &Key, bytes: &[u8]) -> Result<bool> {
+        let n: i64 = self.note(
+            self.conn
+                .invoke("delete if unchanged", DELETE_IF_EQUALS.key(key).arg(bytes))
+                .await,
+        )?;
+        Ok(n == 1)
     }
 
     /// Writes `value` at `key` with its envelope; the Redis TTL is `meta.stale_for`. Returns the

@@ -219,7 +219,11 @@ impl RedisServer {
             if self.ping() {
                 return Ok(());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 return Err(format!(
                     "redis-server on port {} exited with {status} before answering PING. Its log:\n{}",
@@ -342,9 +346,15 @@ mod tests {
     #[test]
     fn extra_args_apply_and_survive_restart() {
         let mut server = RedisServer::start_with_args(&["--maxmemory", "2mb"]);
-        assert_eq!(server.command(&["CONFIG", "GET", "maxmemory"]), "maxmemory\n2097152");
+        assert_eq!(
+            server.command(&["CONFIG", "GET", "maxmemory"]),
+            "maxmemory\n2097152"
+        );
         server.restart();
-        assert_eq!(server.command(&["CONFIG", "GET", "maxmemory"]), "maxmemory\n2097152");
+        assert_eq!(
+            server.command(&["CONFIG", "GET", "maxmemory"]),
+            "maxmemory\n2097152"
+        );
     }
 
     #[test]
