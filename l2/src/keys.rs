@@ -286,10 +286,10 @@ mod tests {
             let joined = format!("{a}:{b}");
             if let Some((x, y)) = joined.split_once(':') {
                 let k1 = KeySpace::new(x).key(y);
-                if let Some((p, q)) = joined.rsplit_once(':') {
-                    if (p, q) != (x, y) {
-                        prop_assert_ne!(k1, KeySpace::new(p).key(q));
-                    }
+                if let Some((p, q)) = joined.rsplit_once(':')
+                    && (p, q) != (x, y)
+                {
+                    prop_assert_ne!(k1, KeySpace::new(p).key(q));
                 }
             }
         }

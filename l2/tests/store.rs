@@ -170,7 +170,8 @@ async fn bad_bytes_are_typed_errors_that_evict_and_count() {
     let n = corrupt_payload.len();
     corrupt_payload[l2::HEADER_LEN..n].fill(0xc1); // 0xc1 is never valid MessagePack
 
-    let cases: Vec<(&str, Vec<u8>, fn(&DecodeError) -> bool)> = vec![
+    type Check = fn(&DecodeError) -> bool;
+    let cases: Vec<(&str, Vec<u8>, Check)> = vec![
         ("foreign", b"{\"id\":1}".to_vec(), |e| {
             matches!(e, DecodeError::BadMagic)
         }),
