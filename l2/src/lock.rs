@@ -14,9 +14,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::envelope::{Codec, EntryMeta};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::keys::Key;
-use crate::store::{DELETE_IF_EQUALS, RedisStore};
+use crate::store::{DELETE_IF_EQUALS, RedisStore, ttl_ms};
 
 static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -75,22 +75,14 @@ fn new_token() -> String {
     format!("{:032x}", fastrand::u128(..))
 }
 
-fn px(ttl: Duration) -> Result<u64> {
-    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-    if ms == 0 {
-        return Err(Error::InvalidTtl(ttl));
-    }
-    Ok(ms)
-}
-
 impl RedisStore {
     /// Tries once to take the lock on `key` for `ttl` (`SET lock token NX PX ttl`). Returns
     /// `None` if someone else holds it.
     ///
     /// # Errors
-    /// [`Error::InvalidTtl`] under 1 ms, [`Error::Timeout`] or [`Error::Redis`].
+    /// [`Error::InvalidTtl`](crate::Error::InvalidTtl) under 1 ms, [`Error::Timeout`](crate::Error::Timeout) or [`Error::Redis`](crate::Error::Redis).
     pub async fn try_lock(&self, key: &Key, ttl: Duration) -> Result<Option<Lock>> {
-        let ms = px(ttl)?;
+        let ms = ttl_ms(ttl)?;
         let lock = Lock {
             data_key: key.clone(),
             lock_key: key.lock_key().into(),
@@ -110,7 +102,7 @@ impl RedisStore {
     /// another holder's lock). Returns whether it was released.
     ///
     /// # Errors
-    /// [`Error::Timeout`] or [`Error::Redis`].
+    /// [`Error::Timeout`](crate::Error::Timeout) or [`Error::Redis`](crate::Error::Redis).
     pub async fn unlock(&self, lock: &Lock) -> Result<bool> {
         let n: i64 = self.note(
             self.connection()
@@ -127,9 +119,9 @@ impl RedisStore {
     /// Returns whether it was extended; `false` means the lock was lost.
     ///
     /// # Errors
-    /// [`Error::InvalidTtl`], [`Error::Timeout`] or [`Error::Redis`].
+    /// [`Error::InvalidTtl`](crate::Error::InvalidTtl), [`Error::Timeout`](crate::Error::Timeout) or [`Error::Redis`](crate::Error::Redis).
     pub async fn extend_lock(&self, lock: &Lock, ttl: Duration) -> Result<bool> {
-        let ms = px(ttl)?;
+        let ms = ttl_ms(ttl)?;
         let n: i64 = self.note(
             self.connection()
                 .invoke(
@@ -155,7 +147,7 @@ impl RedisStore {
         meta: &EntryMeta,
     ) -> Result<bool> {
         let bytes = codec.encode(value, meta)?;
-        let ms = px(meta.stale_for)?;
+        let ms = ttl_ms(meta.stale_for)?;
         let n: i64 = self.note(
             self.connection()
                 .invoke(

@@ -132,7 +132,8 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-fn ttl_ms(ttl: Duration) -> Result<u64> {
+/// `ttl` in whole milliseconds, refusing anything under 1 ms.
+pub(crate) fn ttl_ms(ttl: Duration) -> Result<u64> {
     let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     if ms == 0 {
         return Err(Error::InvalidTtl(ttl));
