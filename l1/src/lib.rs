@@ -461,3 +461,16 @@ mod tests {
         assert!(!e.is_fresh());
     }
 }
+
+#[cfg(test)]
+mod send_tests {
+    /// Every public future of this crate is `Send`.
+    #[allow(dead_code)]
+    fn futures_are_send(cache: super::LocalCache<String>) {
+        fn is_send<T: Send>(_: &T) {}
+        is_send(&cache.get("k"));
+        is_send(&cache.insert("k", super::Entry::new("ns", String::new())));
+        is_send(&cache.invalidate("k"));
+        is_send(&cache.run_pending_tasks());
+    }
+}

@@ -60,3 +60,37 @@ pub use error::{DecodeError, Error, Result};
 pub use keys::{Key, KeySpace, MAX_KEY_LEN};
 pub use lock::Lock;
 pub use store::{Fetched, RedisStore, StoreStats};
+
+#[cfg(test)]
+mod tests {
+    /// Every public future of this crate is `Send`, so it can run on a multi-threaded runtime.
+    use crate::*;
+
+    #[allow(dead_code)]
+    fn futures_are_send(
+        store: RedisStore,
+        key: Key,
+        codec: Codec<String>,
+        meta: EntryMeta,
+        lock: Lock,
+    ) {
+        fn is_send<T: Send>(_: &T) {}
+        let ttl = std::time::Duration::ZERO;
+        let value = String::new();
+        is_send(&Connection::connect(""));
+        is_send(&Connection::builder("").connect());
+        is_send(&store.connection().ping());
+        is_send(&store.get(&key, &codec));
+        is_send(&store.get_many(&[], &codec));
+        is_send(&store.set(&key, &codec, &value, &meta));
+        is_send(&store.set_bytes(&key, &[], ttl));
+        is_send(&store.set_many(&[], &codec, &meta));
+        is_send(&store.delete(&key));
+        is_send(&store.delete_if_unchanged(&key, &[]));
+        is_send(&store.clear(&KeySpace::new("")));
+        is_send(&store.try_lock(&key, ttl));
+        is_send(&store.unlock(&lock));
+        is_send(&store.extend_lock(&lock, ttl));
+        is_send(&store.set_if_locked(&lock, &codec, &value, &meta));
+    }
+}

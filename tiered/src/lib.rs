@@ -32,6 +32,11 @@
 //! See each tier: an L1 entry lives until its own deadline, which a caller filling it from L2
 //! must keep within the L2 entry's remaining life ([`l2::Fetched::fresh_remaining`]).
 
+mod error;
+#[allow(dead_code)] // used by TieredCache, which lands next
+mod flight;
+
+pub use error::{Error, Result};
 pub use invalidation;
 pub use l1;
 pub use l2;
