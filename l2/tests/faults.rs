@@ -141,6 +141,47 @@ async fn a_restarted_redis_is_used_again_after_reconnect() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_outlasts_the_reconnect_retries_and_still_recovers() {
+    let mut server = RedisServer::start();
+    let store = store(&server).await;
+    let codec = Codec::<String>::new(TypeTag::from_name("faults.String"));
+    let key = KeySpace::new("faults").key("k");
+    let meta = EntryMeta::new(Duration::from_secs(60));
+
+    server.kill();
+    // Keep calling while Redis is down, well past the connection manager's own retries.
+    let down_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < down_until {
+        let start = Instant::now();
+        let err = store.get(&key, &codec).await.unwrap_err();
+        assert!(err.is_unavailable(), "{err:?}");
+        assert!(
+            start.elapsed() <= TIMEOUT + SLACK,
+            "a failing call took {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store
+        .set(&key, &codec, &"back".to_string(), &meta)
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no reconnect within 10 s of the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        store.get(&key, &codec).await.unwrap().unwrap().value,
+        "back"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_redis_fails_to_connect_within_a_bound() {
     let port = testkit::free_port();
