@@ -33,6 +33,39 @@ async fn assert_times_out<T: std::fmt::Debug>(
     assert!(took <= TIMEOUT + SLACK, "{name} took {took:?}");
 }
 
+/// Writes `value` until Redis answers again (at most 10 s), checking that every failed attempt
+/// is an "unavailable" error that came back within the command timeout.
+async fn write_until_recovered(
+    store: &RedisStore,
+    key: &l2::Key,
+    codec: &Codec<String>,
+    value: &str,
+    meta: &EntryMeta,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut failures = 0;
+    loop {
+        let start = Instant::now();
+        match store.set(key, codec, &value.to_string(), meta).await {
+            Ok(_) => return,
+            Err(e) => {
+                assert!(e.is_unavailable(), "unexpected error kind: {e:?}");
+                assert!(
+                    start.elapsed() <= TIMEOUT + SLACK,
+                    "a failing call took {:?}",
+                    start.elapsed()
+                );
+                failures += 1;
+                assert!(
+                    Instant::now() < deadline,
+                    "no reconnect within 10 s ({failures} failures)"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_redis_gives_timeouts_within_the_bound() {
     let mut server = RedisServer::start();
@@ -113,28 +146,7 @@ async fn a_restarted_redis_is_used_again_after_reconnect() {
         .unwrap();
 
     server.restart();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut failures = 0;
-    loop {
-        let start = Instant::now();
-        match store.set(&key, &codec, &"after".to_string(), &meta).await {
-            Ok(_) => break,
-            Err(e) => {
-                assert!(e.is_unavailable(), "unexpected error kind: {e:?}");
-                assert!(
-                    start.elapsed() <= TIMEOUT + SLACK,
-                    "a failing call took {:?}",
-                    start.elapsed()
-                );
-                failures += 1;
-                assert!(
-                    Instant::now() < deadline,
-                    "no reconnect within 10 s ({failures} failures)"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
+    write_until_recovered(&store, &key, &codec, "after", &meta).await;
     assert_eq!(
         store.get(&key, &codec).await.unwrap().unwrap().value,
         "after"
@@ -164,18 +176,7 @@ async fn a_long_outage_outlasts_the_reconnect_retries_and_still_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     server.restart();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store
-        .set(&key, &codec, &"back".to_string(), &meta)
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no reconnect within 10 s of the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    write_until_recovered(&store, &key, &codec, "back", &meta).await;
     assert_eq!(
         store.get(&key, &codec).await.unwrap().unwrap().value,
         "back"
