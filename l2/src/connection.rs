@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::IntoConnectionInfo;
@@ -35,6 +36,15 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Connection {
     manager: ConnectionManager,
     timeout: Duration,
+    // Kept to open the subscriber connection of the same server; never printed.
+    pub(crate) settings: Arc<Settings>,
+}
+
+/// What a connection was made from, for opening more connections to the same server.
+pub(crate) struct Settings {
+    pub(crate) info: redis::ConnectionInfo,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_reconnect_delay: Duration,
 }
 
 impl fmt::Debug for Connection {
@@ -97,6 +107,11 @@ impl ConnectionBuilder {
             .into_connection_info()
             .map_err(|e| Error::Config(format!("bad redis URL: {}", e.kind_name())))?
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let settings = Arc::new(Settings {
+            info: info.clone(),
+            connect_timeout: self.connect_timeout,
+            max_reconnect_delay: self.max_reconnect_delay,
+        });
         let client = redis::Client::open(info).map_err(|e| Error::Config(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.timeout))
@@ -115,6 +130,7 @@ impl ConnectionBuilder {
         Ok(Connection {
             manager,
             timeout: self.timeout,
+            settings,
         })
     }
 }

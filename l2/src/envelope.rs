@@ -4,7 +4,8 @@
 //! offset size field
 //!  0     4    magic           C1 'M' 'L' 'C'  (0xC1 is never the first byte of MessagePack)
 //!  4     1    format version  1
-//!  5     1    flags           bit 0 reserved for compression; any set bit is refused today
+//!  5     1    flags           bit 1: an "absent" marker (negative cache, empty payload);
+//!                             bit 0 is reserved for compression; any other set bit is refused
 //!  6     8    type tag        u64 LE, chosen by the caller (TypeTag::from_name)
 //! 14     8    write version   u64 LE
 //! 22     8    fresh for (ms)  u64 LE, relative to the write
@@ -26,6 +27,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{DecodeError, Error, Result};
+
+/// Flag: the entry records that the value does not exist (a cached "not found"); no payload.
+pub const FLAG_ABSENT: u8 = 0b10;
 
 /// The magic bytes every entry starts with.
 pub const MAGIC: [u8; 4] = [0xC1, b'M', b'L', b'C'];
@@ -185,22 +189,7 @@ impl<T: Serialize + DeserializeOwned> Codec<T> {
     /// # Errors
     /// As [`Codec::encode`].
     pub fn encode_into(&self, value: &T, meta: &EntryMeta, buf: &mut Vec<u8>) -> Result<()> {
-        if meta.stale_for < Duration::from_millis(1) {
-            return Err(Error::InvalidTtl(meta.stale_for));
-        }
-        if meta.stale_for < meta.fresh_for {
-            return Err(Error::InvalidTtl(meta.stale_for));
-        }
-        buf.clear();
-        buf.extend_from_slice(&MAGIC);
-        buf.push(FORMAT_VERSION);
-        buf.push(0);
-        buf.extend_from_slice(&self.tag.0.to_le_bytes());
-        buf.extend_from_slice(&meta.write_version.to_le_bytes());
-        buf.extend_from_slice(&ms(meta.fresh_for).to_le_bytes());
-        buf.extend_from_slice(&ms(meta.stale_for).to_le_bytes());
-        buf.extend_from_slice(&[0; 4]);
-        debug_assert_eq!(buf.len(), HEADER_LEN);
+        self.write_header(meta, 0, buf)?;
         rmp_serde::encode::write_named(buf, value).map_err(|e| Error::Encode(Arc::new(e)))?;
         if buf.len() > self.max_size {
             return Err(Error::TooLarge {
@@ -216,12 +205,40 @@ impl<T: Serialize + DeserializeOwned> Codec<T> {
         Ok(())
     }
 
-    /// Decodes and validates `bytes`: magic, format version, flags, type tag, deadlines,
-    /// length, then the payload.
+    /// Encodes an "absent" marker with `meta`: the value is known not to exist (negative
+    /// caching). Readers see it through [`Codec::decode_optional`] as `None`.
     ///
     /// # Errors
-    /// A distinct [`DecodeError`] for each way the bytes can be wrong. Never panics.
-    pub fn decode(&self, bytes: &[u8]) -> Result<(Header, T), DecodeError> {
+    /// [`Error::InvalidTtl`] as for [`Codec::encode`].
+    pub fn encode_absent(&self, meta: &EntryMeta) -> Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(HEADER_LEN);
+        self.write_header(meta, FLAG_ABSENT, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn write_header(&self, meta: &EntryMeta, flags: u8, buf: &mut Vec<u8>) -> Result<()> {
+        if meta.stale_for < Duration::from_millis(1) || meta.stale_for < meta.fresh_for {
+            return Err(Error::InvalidTtl(meta.stale_for));
+        }
+        buf.clear();
+        buf.extend_from_slice(&MAGIC);
+        buf.push(FORMAT_VERSION);
+        buf.push(flags);
+        buf.extend_from_slice(&self.tag.0.to_le_bytes());
+        buf.extend_from_slice(&meta.write_version.to_le_bytes());
+        buf.extend_from_slice(&ms(meta.fresh_for).to_le_bytes());
+        buf.extend_from_slice(&ms(meta.stale_for).to_le_bytes());
+        buf.extend_from_slice(&[0; 4]);
+        debug_assert_eq!(buf.len(), HEADER_LEN);
+        Ok(())
+    }
+
+    /// As [`Codec::decode`], but an "absent" marker ([`Codec::encode_absent`]) decodes as
+    /// `None`.
+    ///
+    /// # Errors
+    /// As [`Codec::decode`].
+    pub fn decode_optional(&self, bytes: &[u8]) -> Result<(Header, Option<T>), DecodeError> {
         let header = decode_header(bytes)?;
         if header.type_tag != self.tag {
             return Err(DecodeError::WrongType {
@@ -229,10 +246,30 @@ impl<T: Serialize + DeserializeOwned> Codec<T> {
                 found: header.type_tag,
             });
         }
+        if header.flags & FLAG_ABSENT != 0 {
+            if header.payload_len != 0 {
+                return Err(DecodeError::TrailingBytes(header.payload_len));
+            }
+            return Ok((header, None));
+        }
         let payload = &bytes[HEADER_LEN..];
         let value =
             rmp_serde::from_slice(payload).map_err(|e| DecodeError::Payload(Arc::new(e)))?;
-        Ok((header, value))
+        Ok((header, Some(value)))
+    }
+
+    /// Decodes and validates `bytes`: magic, format version, flags, type tag, deadlines,
+    /// length, then the payload.
+    ///
+    /// # Errors
+    /// A distinct [`DecodeError`] for each way the bytes can be wrong. Never panics.
+    /// An "absent" marker is [`DecodeError::Absent`] here; read it with
+    /// [`Codec::decode_optional`].
+    pub fn decode(&self, bytes: &[u8]) -> Result<(Header, T), DecodeError> {
+        match self.decode_optional(bytes)? {
+            (header, Some(value)) => Ok((header, value)),
+            (_, None) => Err(DecodeError::Absent),
+        }
     }
 }
 
@@ -259,7 +296,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, DecodeError> {
         return Err(DecodeError::UnsupportedVersion(version));
     }
     let flags = bytes[5];
-    if flags != 0 {
+    if flags & !FLAG_ABSENT != 0 {
         return Err(DecodeError::UnsupportedFlags(flags));
     }
     let u64_at = |at: usize| {
@@ -380,6 +417,19 @@ mod tests {
         assert!(matches!(
             codec.decode(&f),
             Err(DecodeError::UnsupportedFlags(1))
+        ));
+
+        // An absent marker: no payload; a value reader refuses it, an optional reader gets None.
+        let absent = codec.encode_absent(&meta()).unwrap();
+        assert_eq!(absent.len(), HEADER_LEN);
+        assert!(matches!(codec.decode(&absent), Err(DecodeError::Absent)));
+        assert_eq!(codec.decode_optional(&absent).unwrap().1, None);
+        assert_eq!(codec.decode_optional(&good).unwrap().1, Some(alice()));
+        let mut padded = good.clone();
+        padded[5] = FLAG_ABSENT;
+        assert!(matches!(
+            codec.decode_optional(&padded),
+            Err(DecodeError::TrailingBytes(_))
         ));
 
         assert!(matches!(

@@ -105,6 +105,9 @@ pub enum DecodeError {
     /// Flags this build does not understand (for example a compression it lacks).
     #[error("unsupported envelope flags {0:#04x}")]
     UnsupportedFlags(u8),
+    /// The entry is an "absent" marker (a cached "not found"), read where a value is required.
+    #[error("the entry is an absent marker, not a value")]
+    Absent,
     /// Written for another type.
     #[error("type mismatch: expected {expected}, found {found}")]
     WrongType {

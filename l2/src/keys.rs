@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 /// Encoded keys longer than this are hashed behind a readable prefix.
 pub const MAX_KEY_LEN: usize = 200;
 const READABLE_PREFIX: usize = 64;
+const NOTICE_SUFFIX: &str = "!notify";
 
 /// A namespace (and optional schema version): the prefix of every key it makes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -95,6 +96,12 @@ impl KeySpace {
         self.finish(escaped)
     }
 
+    /// The pub/sub channel on which writers of this space wake lock waiters: the prefix then
+    /// `!notify` (a data key always has `{` after the prefix, so the two never meet).
+    pub fn notice_channel(&self) -> String {
+        format!("{}{NOTICE_SUFFIX}", self.prefix)
+    }
+
     /// A Redis `SCAN MATCH` pattern for every key of this space: the prefix with the glob
     /// characters `* ? [ ] \` escaped, then `*`. A space without a schema version also matches
     /// its versioned keys (`users:*` covers `users:v2:…`).
@@ -156,6 +163,12 @@ impl Key {
     /// The key of this key's lock: same hash tag, so same cluster slot.
     pub fn lock_key(&self) -> String {
         format!("{}:lock", self.0)
+    }
+
+    /// The notice channel of the key's space ([`KeySpace::notice_channel`]).
+    pub fn notice_channel(&self) -> String {
+        let prefix = self.0.find('{').map_or(&*self.0, |at| &self.0[..at]);
+        format!("{prefix}{NOTICE_SUFFIX}")
     }
 }
 

@@ -50,16 +50,18 @@ mod error;
 mod keys;
 mod lock;
 mod store;
+mod subscriber;
 
 pub use connection::{Connection, ConnectionBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
 pub use envelope::{
-    Codec, DEFAULT_MAX_SIZE, EntryMeta, FORMAT_VERSION, HEADER_LEN, Header, MAGIC, TypeTag,
-    decode_header,
+    Codec, DEFAULT_MAX_SIZE, EntryMeta, FLAG_ABSENT, FORMAT_VERSION, HEADER_LEN, Header, MAGIC,
+    TypeTag, decode_header,
 };
 pub use error::{DecodeError, Error, Result};
 pub use keys::{Key, KeySpace, MAX_KEY_LEN};
-pub use lock::Lock;
+pub use lock::{Lock, LockWait, LockWaiters};
 pub use store::{Fetched, RedisStore, StoreStats};
+pub use subscriber::{Event, Subscriber};
 
 #[cfg(test)]
 mod tests {

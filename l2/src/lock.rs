@@ -6,8 +6,9 @@
 //! [`RedisStore::set_if_locked`], which refuses once the lock changed hands, the way a fencing
 //! token would.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -15,8 +16,10 @@ use serde::de::DeserializeOwned;
 
 use crate::envelope::{Codec, EntryMeta};
 use crate::error::Result;
-use crate::keys::Key;
-use crate::store::{DELETE_IF_EQUALS, RedisStore, ttl_ms};
+use crate::keys::{Key, KeySpace};
+use crate::store::{RedisStore, ttl_ms};
+use crate::subscriber::{Event, Subscriber};
+use tokio::sync::watch;
 
 static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -37,6 +40,27 @@ static SET_IF_LOCKED: LazyLock<redis::Script> = LazyLock::new(|| {
           return 0",
     )
 });
+
+/// `KEYS[1]` the lock, `KEYS[2]` the data key: while the lock holds `ARGV[1]`, write `ARGV[2]`
+/// for `ARGV[3]` ms, release the lock and tell waiters on channel `ARGV[4]`; one round trip.
+const COMPLETE_SRC: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+            redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+            redis.call('DEL', KEYS[1])
+            redis.call('PUBLISH', ARGV[4], KEYS[2])
+            return 1
+          end
+          return 0";
+static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COMPLETE_SRC));
+
+/// `KEYS[1]` the lock, `KEYS[2]` the data key: release if still held by `ARGV[1]` and tell
+/// waiters on channel `ARGV[2]`, so one of them takes over at once.
+const RELEASE_SRC: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+            redis.call('DEL', KEYS[1])
+            redis.call('PUBLISH', ARGV[2], KEYS[2])
+            return 1
+          end
+          return 0";
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RELEASE_SRC));
 
 /// A held lock on one data key: the lock key and this holder's random token.
 #[derive(Clone, PartialEq, Eq)]
@@ -103,16 +127,137 @@ impl RedisStore {
     ///
     /// # Errors
     /// [`Error::Timeout`](crate::Error::Timeout) or [`Error::Redis`](crate::Error::Redis).
+    /// Waiters watching the key through [`LockWaiters`] are woken.
     pub async fn unlock(&self, lock: &Lock) -> Result<bool> {
         let n: i64 = self.note(
             self.connection()
                 .invoke(
                     "unlock",
-                    DELETE_IF_EQUALS.key(&*lock.lock_key).arg(&*lock.token),
+                    RELEASE
+                        .key(&*lock.lock_key)
+                        .key(&lock.data_key)
+                        .arg(&*lock.token)
+                        .arg(lock.data_key.notice_channel()),
                 )
                 .await,
         )?;
         Ok(n == 1)
+    }
+
+    /// Finishes a load under `lock` in one round trip: while this holder still has the lock,
+    /// writes `bytes` (an encoded entry) at the data key for `ttl`, releases the lock and wakes
+    /// the waiters. Returns whether it wrote: `false` means the lock expired or was broken by
+    /// a newer write ([`RedisStore::overwrite`], [`RedisStore::remove`]), whose value must win.
+    ///
+    /// # Errors
+    /// [`Error::InvalidTtl`](crate::Error::InvalidTtl), [`Error::Timeout`](crate::Error::Timeout) or [`Error::Redis`](crate::Error::Redis).
+    pub async fn complete_lock(&self, lock: &Lock, bytes: &[u8], ttl: Duration) -> Result<bool> {
+        let ms = ttl_ms(ttl)?;
+        let n: i64 = self.note(
+            self.connection()
+                .invoke(
+                    "complete lock",
+                    COMPLETE
+                        .key(&*lock.lock_key)
+                        .key(&lock.data_key)
+                        .arg(&*lock.token)
+                        .arg(bytes)
+                        .arg(ms)
+                        .arg(lock.data_key.notice_channel()),
+                )
+                .await,
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Tries once to take the locks of all `keys` for `ttl`, in one round trip (a pipeline
+    /// of `SET NX PX`): the result has one entry per key, `None` where someone else holds it.
+    ///
+    /// # Errors
+    /// As [`RedisStore::try_lock`].
+    pub async fn try_lock_many(&self, keys: &[Key], ttl: Duration) -> Result<Vec<Option<Lock>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ms = ttl_ms(ttl)?;
+        let locks: Vec<Lock> = keys
+            .iter()
+            .map(|key| Lock {
+                data_key: key.clone(),
+                lock_key: key.lock_key().into(),
+                token: new_token().into(),
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for lock in &locks {
+            pipe.cmd("SET")
+                .arg(&*lock.lock_key)
+                .arg(&*lock.token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ms);
+        }
+        let replies: Vec<Option<String>> =
+            self.note(self.connection().query_pipe("lock many", &pipe).await)?;
+        Ok(locks
+            .into_iter()
+            .zip(replies)
+            .map(|(lock, reply)| reply.map(|_| lock))
+            .collect())
+    }
+
+    /// [`RedisStore::complete_lock`] for many locks in one round trip (a pipeline of `EVAL`s):
+    /// each `(lock, bytes)` is written for `ttl` only while its lock holds. Returns, per item,
+    /// whether it was written.
+    ///
+    /// # Errors
+    /// As [`RedisStore::complete_lock`].
+    pub async fn complete_locks(
+        &self,
+        items: &[(Lock, Vec<u8>)],
+        ttl: Duration,
+    ) -> Result<Vec<bool>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ms = ttl_ms(ttl)?;
+        let mut pipe = redis::pipe();
+        for (lock, bytes) in items {
+            pipe.cmd("EVAL")
+                .arg(COMPLETE_SRC)
+                .arg(2)
+                .arg(&*lock.lock_key)
+                .arg(&lock.data_key)
+                .arg(&*lock.token)
+                .arg(bytes.as_slice())
+                .arg(ms)
+                .arg(lock.data_key.notice_channel());
+        }
+        let replies: Vec<i64> =
+            self.note(self.connection().query_pipe("complete locks", &pipe).await)?;
+        Ok(replies.into_iter().map(|n| n == 1).collect())
+    }
+
+    /// [`RedisStore::unlock`] for many locks in one round trip.
+    ///
+    /// # Errors
+    /// As [`RedisStore::unlock`].
+    pub async fn unlock_many(&self, locks: &[Lock]) -> Result<()> {
+        if locks.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for lock in locks {
+            pipe.cmd("EVAL")
+                .arg(RELEASE_SRC)
+                .arg(2)
+                .arg(&*lock.lock_key)
+                .arg(&lock.data_key)
+                .arg(&*lock.token)
+                .arg(lock.data_key.notice_channel())
+                .ignore();
+        }
+        self.note(self.connection().query_pipe("unlock many", &pipe).await)
     }
 
     /// Extends `lock` to `ttl` from now if this holder still has it (compare-and-PEXPIRE).
@@ -162,5 +307,117 @@ impl RedisStore {
                 .await,
         )?;
         Ok(n == 1)
+    }
+}
+
+type WaiterMap = Arc<Mutex<HashMap<Arc<str>, watch::Sender<u64>>>>;
+
+/// Wakes processes waiting for another's lock: writers publish the data key on the space's
+/// notice channel ([`KeySpace::notice_channel`]) when a value lands or a lock is released, and
+/// this turns each message into a wake-up of the waiters on that key.
+///
+/// A lost message only delays a waiter until its next poll (see [`LockWait::notified`]); a
+/// reconnect of the subscriber wakes every waiter, since messages may have been lost.
+#[derive(Clone)]
+pub struct LockWaiters {
+    waiters: WaiterMap,
+}
+
+impl fmt::Debug for LockWaiters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockWaiters")
+            .field("waiting_keys", &lock_map(&self.waiters).len())
+            .finish()
+    }
+}
+
+fn lock_map(map: &WaiterMap) -> MutexGuard<'_, HashMap<Arc<str>, watch::Sender<u64>>> {
+    // Short critical sections with no `.await`; a poisoned map is still consistent.
+    map.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn wake(sender: &watch::Sender<u64>) {
+    sender.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+impl LockWaiters {
+    /// Listens on `space`'s notice channel through `subscriber`.
+    ///
+    /// # Errors
+    /// As [`Subscriber::listen`].
+    pub async fn attach(subscriber: &Subscriber, space: &KeySpace) -> Result<LockWaiters> {
+        let waiters: WaiterMap = Arc::default();
+        let map = Arc::clone(&waiters);
+        subscriber
+            .listen(&space.notice_channel(), move |event| match event {
+                Event::Message { payload, .. } => {
+                    let Ok(key) = std::str::from_utf8(payload) else {
+                        return;
+                    };
+                    if let Some(sender) = lock_map(&map).get(key) {
+                        wake(sender);
+                    }
+                }
+                _ => lock_map(&map).values().for_each(wake),
+            })
+            .await?;
+        Ok(LockWaiters { waiters })
+    }
+
+    /// Starts watching `key`. Take the watch *before* checking the data key, so a value that
+    /// lands between the check and the wait still wakes it.
+    pub fn watch(&self, key: &Key) -> LockWait {
+        let mut map = lock_map(&self.waiters);
+        let rx = match map.get(key.as_str()) {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (tx, rx) = watch::channel(0);
+                map.insert(Arc::clone(key.as_arc()), tx);
+                rx
+            }
+        };
+        LockWait {
+            rx,
+            key: Arc::clone(key.as_arc()),
+            waiters: Arc::clone(&self.waiters),
+        }
+    }
+}
+
+/// A watch on one key's lock, from [`LockWaiters::watch`].
+pub struct LockWait {
+    rx: watch::Receiver<u64>,
+    key: Arc<str>,
+    waiters: WaiterMap,
+}
+
+impl fmt::Debug for LockWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockWait").field("key", &self.key).finish()
+    }
+}
+
+impl LockWait {
+    /// Waits until a writer signals the key (a value landed or the lock was released) or
+    /// `within` passes; returns whether it was signalled. Signals since the watch was taken
+    /// (or since the last call) count.
+    pub async fn notified(&mut self, within: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(within, self.rx.changed()).await,
+            Ok(Ok(()))
+        )
+    }
+}
+
+impl Drop for LockWait {
+    fn drop(&mut self) {
+        let mut map = lock_map(&self.waiters);
+        // This receiver is still alive here: it is the last one when the count is 1.
+        if map
+            .get(&self.key)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            map.remove(&self.key);
+        }
     }
 }

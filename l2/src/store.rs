@@ -15,7 +15,7 @@ use crate::keys::{Key, KeySpace};
 
 /// Deletes `KEYS[1]` only if it still holds `ARGV[1]`. Used to release a lock and to evict
 /// undecodable bytes without losing a write that replaced them meanwhile.
-pub(crate) static DELETE_IF_EQUALS: LazyLock<redis::Script> = LazyLock::new(|| {
+static DELETE_IF_EQUALS: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"if redis.call('GET', KEYS[1]) == ARGV[1] then
             return redis.call('DEL', KEYS[1])
@@ -23,6 +23,38 @@ pub(crate) static DELETE_IF_EQUALS: LazyLock<redis::Script> = LazyLock::new(|| {
           return 0",
     )
 });
+
+/// `SET KEYS[1] ARGV[1] PX ARGV[2]`, break any load lock on it (`KEYS[2]`), and tell lock
+/// waiters on channel `ARGV[3]`: a write that in-flight loads can never overwrite.
+static OVERWRITE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+          redis.call('DEL', KEYS[2])
+          redis.call('PUBLISH', ARGV[3], KEYS[1])
+          return 1",
+    )
+});
+
+/// Delete `KEYS[1]` and its load lock `KEYS[2]`, and tell lock waiters on channel `ARGV[1]`.
+static REMOVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"local n = redis.call('DEL', KEYS[1])
+          redis.call('DEL', KEYS[2])
+          redis.call('PUBLISH', ARGV[1], KEYS[1])
+          return n",
+    )
+});
+
+/// An entry whose value is present, or nothing (an absent marker reads as a miss).
+fn present<T>(f: Option<Fetched<Option<T>>>) -> Option<Fetched<T>> {
+    let f = f?;
+    Some(Fetched {
+        value: f.value?,
+        meta: f.meta,
+        remaining: f.remaining,
+        size: f.size,
+    })
+}
 
 /// A value read from Redis, with what its envelope and the key's remaining life say about it.
 #[derive(Debug, Clone, PartialEq)]
@@ -202,20 +234,35 @@ impl RedisStore {
             .read_raw(std::slice::from_ref(key), codec.limit())
             .await?;
         let raw = raw.into_iter().next().unwrap_or(Raw::Missing);
+        Ok(present(self.decode(key, raw, codec).await?))
+    }
+
+    /// As [`RedisStore::get`], but also returns "absent" markers (cached "not found", written
+    /// with [`Codec::encode_absent`]) as `Some(Fetched { value: None, .. })`.
+    ///
+    /// # Errors
+    /// As [`RedisStore::get`].
+    pub async fn lookup<T: Serialize + DeserializeOwned>(
+        &self,
+        key: &Key,
+        codec: &Codec<T>,
+    ) -> Result<Option<Fetched<Option<T>>>> {
+        let raw = self
+            .read_raw(std::slice::from_ref(key), codec.limit())
+            .await?;
+        let raw = raw.into_iter().next().unwrap_or(Raw::Missing);
         self.decode(key, raw, codec).await
     }
 
-    /// Reads many keys in one round trip (one atomic pipeline of per-key reads, so each key's
-    /// freshness and size cap hold as for [`get`](Self::get)). The result has one slot per key,
-    /// in order; undecodable entries are deleted, counted, and read as `None`.
+    /// As [`RedisStore::get_many`], but with "absent" markers as in [`RedisStore::lookup`].
     ///
     /// # Errors
-    /// [`Error::Timeout`] or [`Error::Redis`] when Redis fails.
-    pub async fn get_many<T: Serialize + DeserializeOwned>(
+    /// As [`RedisStore::get_many`].
+    pub async fn lookup_many<T: Serialize + DeserializeOwned>(
         &self,
         keys: &[Key],
         codec: &Codec<T>,
-    ) -> Result<Vec<Option<Fetched<T>>>> {
+    ) -> Result<Vec<Option<Fetched<Option<T>>>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -229,6 +276,25 @@ impl RedisStore {
             }
         }
         Ok(out)
+    }
+
+    /// Reads many keys in one round trip (one atomic pipeline of per-key reads, so each key's
+    /// freshness and size cap hold as for [`get`](Self::get)). The result has one slot per key,
+    /// in order; undecodable entries are deleted, counted, and read as `None`.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] or [`Error::Redis`] when Redis fails.
+    pub async fn get_many<T: Serialize + DeserializeOwned>(
+        &self,
+        keys: &[Key],
+        codec: &Codec<T>,
+    ) -> Result<Vec<Option<Fetched<T>>>> {
+        Ok(self
+            .lookup_many(keys, codec)
+            .await?
+            .into_iter()
+            .map(present)
+            .collect())
     }
 
     async fn read_raw(&self, keys: &[Key], limit: usize) -> Result<Vec<Raw>> {
@@ -264,7 +330,7 @@ impl RedisStore {
         key: &Key,
         raw: Raw,
         codec: &Codec<T>,
-    ) -> Result<Option<Fetched<T>>> {
+    ) -> Result<Option<Fetched<Option<T>>>> {
         let (bytes, pttl) = match raw {
             Raw::Missing => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
@@ -287,7 +353,7 @@ impl RedisStore {
             }
             Raw::Bytes { bytes, pttl } => (bytes, pttl),
         };
-        match codec.decode(&bytes) {
+        match codec.decode_optional(&bytes) {
             Ok((header, value)) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 Ok(Some(Fetched {
@@ -385,6 +451,50 @@ impl RedisStore {
                 .ignore();
         }
         self.note(self.conn.query_pipe::<()>("set_many", &pipe).await)
+    }
+
+    /// Writes encoded `bytes` at `key` for `ttl` as the newest value: breaks any load lock on
+    /// the key (so a loader that started earlier cannot overwrite it through
+    /// [`RedisStore::complete_lock`]) and wakes the lock's waiters, in one Lua script.
+    ///
+    /// # Errors
+    /// [`Error::InvalidTtl`], [`Error::Timeout`] or [`Error::Redis`].
+    pub async fn overwrite(&self, key: &Key, bytes: &[u8], ttl: Duration) -> Result<()> {
+        let ms = ttl_ms(ttl)?;
+        let _: i64 = self.note(
+            self.conn
+                .invoke(
+                    "overwrite",
+                    OVERWRITE
+                        .key(key)
+                        .key(key.lock_key())
+                        .arg(bytes)
+                        .arg(ms)
+                        .arg(key.notice_channel()),
+                )
+                .await,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes `key`, breaks any load lock on it and wakes the lock's waiters, in one Lua
+    /// script. Returns whether the key existed.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] or [`Error::Redis`].
+    pub async fn remove(&self, key: &Key) -> Result<bool> {
+        let n: i64 = self.note(
+            self.conn
+                .invoke(
+                    "remove",
+                    REMOVE
+                        .key(key)
+                        .key(key.lock_key())
+                        .arg(key.notice_channel()),
+                )
+                .await,
+        )?;
+        Ok(n > 0)
     }
 
     /// Deletes `key`. Returns whether it existed.

@@ -161,3 +161,166 @@ async fn conditional_write_is_refused_after_the_lock_changed_hands() {
     );
     assert_eq!(store.get(&key, &codec).await.unwrap().unwrap().value, "new");
 }
+
+#[tokio::test]
+async fn a_newer_write_breaks_the_lock_so_the_older_load_cannot_land() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let codec = Codec::<String>::new(TAG);
+    let meta = EntryMeta::new(Duration::from_secs(60));
+    let key = KeySpace::new("locks").key("k");
+    let lock = store
+        .try_lock(&key, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    let newer = codec.encode(&"newer".to_string(), &meta).unwrap();
+    store
+        .overwrite(&key, &newer, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let older = codec.encode(&"older".to_string(), &meta).unwrap();
+    assert!(
+        !store
+            .complete_lock(&lock, &older, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        "the write of a load that started before the overwrite must be refused"
+    );
+    assert_eq!(
+        store.get(&key, &codec).await.unwrap().unwrap().value,
+        "newer"
+    );
+
+    // The same after a delete.
+    let lock = store
+        .try_lock(&key, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.remove(&key).await.unwrap());
+    assert!(
+        !store
+            .complete_lock(&lock, &older, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert!(store.get(&key, &codec).await.unwrap().is_none());
+
+    // A holder that kept its lock writes, and its lock is released in the same round trip.
+    let lock = store
+        .try_lock(&key, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .complete_lock(&lock, &older, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert_eq!(server.command(&["EXISTS", &key.lock_key()]), "0");
+    assert_eq!(
+        store.get(&key, &codec).await.unwrap().unwrap().value,
+        "older"
+    );
+}
+
+#[tokio::test]
+async fn waiters_are_woken_by_the_holders_write_not_by_polling() {
+    let server = RedisServer::start();
+    let conn = Connection::connect(server.url()).await.unwrap();
+    let store = RedisStore::new(conn.clone());
+    let space = KeySpace::new("locks");
+    let subscriber = l2::Subscriber::connect(&conn).await.unwrap();
+    let waiters = l2::LockWaiters::attach(&subscriber, &space).await.unwrap();
+    let codec = Codec::<String>::new(TAG);
+    let key = space.key("k");
+    let other = space.key("other");
+
+    let holder = store
+        .try_lock(&key, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut wait = waiters.watch(&key);
+    // A notice for another key does not wake it.
+    let other_lock = store
+        .try_lock(&other, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    store.unlock(&other_lock).await.unwrap();
+    assert!(!wait.notified(Duration::from_millis(200)).await);
+
+    let writer = {
+        let store = store.clone();
+        let codec = codec.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let bytes = codec
+                .encode(&"v".to_string(), &EntryMeta::new(Duration::from_secs(60)))
+                .unwrap();
+            store
+                .complete_lock(&holder, &bytes, Duration::from_secs(60))
+                .await
+                .unwrap()
+        })
+    };
+    let start = std::time::Instant::now();
+    assert!(
+        wait.notified(Duration::from_secs(5)).await,
+        "the write must wake the waiter"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "woken by the notice, not the deadline"
+    );
+    assert!(writer.await.unwrap());
+    assert_eq!(store.get(&key, &codec).await.unwrap().unwrap().value, "v");
+
+    // A batch of locks is one round trip and releases wake waiters too.
+    let keys: Vec<_> = (0..5).map(|i| space.key(&format!("b{i}"))).collect();
+    let locks = store
+        .try_lock_many(&keys, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(locks.iter().all(Option::is_some));
+    let again = store
+        .try_lock_many(&keys, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(again.iter().all(Option::is_none), "already held");
+    let mut wait = waiters.watch(&keys[3]);
+    let held: Vec<_> = locks.into_iter().flatten().collect();
+    store.unlock_many(&held).await.unwrap();
+    assert!(wait.notified(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn absent_markers_read_as_absent_not_as_corrupt() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let codec = Codec::<String>::new(TAG);
+    let key = KeySpace::new("locks").key("nothing");
+    let bytes = codec
+        .encode_absent(&EntryMeta::new(Duration::from_secs(60)))
+        .unwrap();
+    store
+        .overwrite(&key, &bytes, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let found = store.lookup(&key, &codec).await.unwrap().unwrap();
+    assert_eq!(found.value, None);
+    assert!(found.is_fresh());
+    assert!(
+        store.get(&key, &codec).await.unwrap().is_none(),
+        "a typed get sees a miss"
+    );
+    assert_eq!(store.stats().decode_errors, 0);
+    assert_eq!(
+        server.command(&["EXISTS", key.as_str()]),
+        "1",
+        "not evicted"
+    );
+}
