@@ -157,14 +157,7 @@ impl RedisServer {
     /// # Panics
     /// If the server cannot be reached within 5 s.
     pub fn command(&self, args: &[&str]) -> String {
-        let mut stream = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(5))
-            .expect("connect to test redis");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("set read timeout");
-        stream.write_all(&encode_command(args)).expect("send");
-        let mut reader = BufReader::new(stream);
-        read_reply(&mut reader).expect("read reply")
+        command_at(self.addr(), args)
     }
 
     /// The server's log so far.
@@ -261,6 +254,22 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Sends one command to the Redis server at `addr` and returns its reply as
+/// [`RedisServer::command`] does: for helper processes that were only given the address.
+///
+/// # Panics
+/// If the server cannot be reached within 5 s.
+pub fn command_at(addr: SocketAddr, args: &[&str]) -> String {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to test redis");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set read timeout");
+    stream.write_all(&encode_command(args)).expect("send");
+    let mut reader = BufReader::new(stream);
+    read_reply(&mut reader).expect("read reply")
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.

@@ -26,6 +26,20 @@ pub enum Error {
         /// The cache key.
         key: String,
     },
+    /// The loader reported that the value does not exist ([`Loaded::not_found`](crate::Loaded::not_found)),
+    /// now or in a cached "not found".
+    #[error("no value exists for key `{key}`")]
+    NotFound {
+        /// The cache key.
+        key: String,
+    },
+    /// Redis failed repeatedly, so the circuit breaker skips it for a while, and the call
+    /// could not be answered without it.
+    #[error("the redis tier is skipped after repeated failures (circuit open)")]
+    CircuitOpen,
+    /// The cache was configured wrongly; the message names the setting.
+    #[error("invalid cache configuration: {0}")]
+    Config(String),
     /// A caller gave up waiting for a load (its own or one it joined).
     #[error("gave up after {waited:?} waiting for the load of `{key}`")]
     WaitTimeout {
@@ -39,7 +53,12 @@ pub enum Error {
 impl Error {
     /// Whether Redis was unreachable or too slow: fall back rather than fail.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Error::L2(e) if e.is_unavailable())
+        matches!(self, Error::L2(e) if e.is_unavailable()) || matches!(self, Error::CircuitOpen)
+    }
+
+    /// Whether the value does not exist (the loader said so, or a cached "not found").
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::NotFound { .. })
     }
 
     /// Whether the caller's loader failed, panicked, or ran too long.

@@ -20,23 +20,61 @@ type Outcome<V> = Option<Result<V>>;
 
 struct Slot<V> {
     id: u64,
-    token: FlightToken,
+    token: FlightToken<V>,
     rx: watch::Receiver<Outcome<V>>,
 }
 
-/// Handed to a load: tells it whether its key was invalidated since it started, in which case
-/// its result must not be put in L1.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct FlightToken(Arc<AtomicBool>);
+struct Shared<V> {
+    invalidated: AtomicBool,
+    tx: watch::Sender<Outcome<V>>,
+}
 
-impl FlightToken {
+/// Handed to a load: tells it whether its key was invalidated since it started (its result
+/// must then not be put in L1), and lets it answer its waiters before it ends (a stale value
+/// served while the load goes on).
+pub(crate) struct FlightToken<V>(Arc<Shared<V>>);
+
+impl<V> Clone for FlightToken<V> {
+    fn clone(&self) -> Self {
+        FlightToken(Arc::clone(&self.0))
+    }
+}
+
+impl<V> FlightToken<V> {
+    fn new() -> (Self, watch::Receiver<Outcome<V>>) {
+        let (tx, rx) = watch::channel(None);
+        let token = FlightToken(Arc::new(Shared {
+            invalidated: AtomicBool::new(false),
+            tx,
+        }));
+        (token, rx)
+    }
+
     /// Whether the key was invalidated after this load started.
     pub(crate) fn is_invalidated(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.invalidated.load(Ordering::Acquire)
     }
 
     fn invalidate(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.invalidated.store(true, Ordering::Release);
+    }
+
+    /// Answers the waiters now, unless they were answered already; the load may go on.
+    /// Returns whether this was the answer.
+    pub(crate) fn answer(&self, outcome: Result<V>) -> bool {
+        let mut outcome = Some(Some(outcome));
+        self.0.tx.send_if_modified(|slot| {
+            if slot.is_some() {
+                return false;
+            }
+            *slot = outcome.take().flatten();
+            true
+        })
+    }
+
+    /// Whether the waiters have an answer.
+    pub(crate) fn is_answered(&self) -> bool {
+        self.0.tx.borrow().is_some()
     }
 }
 
@@ -79,24 +117,79 @@ impl<V> Flights<V> {
             slot.token.invalidate();
         }
     }
+
+    /// Joins the flight of `key`, if one is running.
+    pub(crate) fn join(&self, key: &str) -> Option<Waiter<V>> {
+        self.slots().get(key).map(|slot| Waiter {
+            key: key.into(),
+            rx: slot.rx.clone(),
+        })
+    }
+
+    /// Joins the flight of `key`, or claims it: the caller then owns the load and must run it
+    /// (the returned [`Claim`] answers the waiters with `LoadAborted` if dropped unfinished).
+    pub(crate) fn join_or_claim(self: &Arc<Self>, key: &str) -> (Waiter<V>, Option<Claim<V>>) {
+        let mut slots = self.slots();
+        if let Some(slot) = slots.get(key) {
+            let waiter = Waiter {
+                key: key.into(),
+                rx: slot.rx.clone(),
+            };
+            return (waiter, None);
+        }
+        let key: Arc<str> = key.into();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (token, rx) = FlightToken::new();
+        slots.insert(
+            Arc::clone(&key),
+            Slot {
+                id,
+                token: token.clone(),
+                rx: rx.clone(),
+            },
+        );
+        drop(slots);
+        let waiter = Waiter {
+            key: Arc::clone(&key),
+            rx,
+        };
+        let claim = Claim {
+            flights: Arc::clone(self),
+            key,
+            id,
+            token,
+        };
+        (waiter, Some(claim))
+    }
 }
 
-/// Completes a flight when its task ends, however it ends.
-struct Completion<V> {
+/// Ownership of one flight: completes it when finished or dropped, however the load ends.
+pub(crate) struct Claim<V> {
     flights: Arc<Flights<V>>,
     key: Arc<str>,
     id: u64,
-    tx: watch::Sender<Outcome<V>>,
+    token: FlightToken<V>,
 }
 
-impl<V> Drop for Completion<V> {
-    fn drop(&mut self) {
-        if self.tx.borrow().is_none() {
-            // The load panicked or its task was dropped: waiters get an error, not silence.
-            self.tx.send_replace(Some(Err(Error::LoadAborted {
-                key: self.key.to_string(),
-            })));
-        }
+impl<V> Claim<V> {
+    /// The key.
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The flight's token.
+    pub(crate) fn token(&self) -> FlightToken<V> {
+        self.token.clone()
+    }
+
+    /// Ends the flight and answers the waiters (unless answered already). The slot goes
+    /// first, so a waiter that returns never sees its own flight still in the map.
+    pub(crate) fn finish(self, outcome: Result<V>) {
+        self.detach();
+        self.token.answer(outcome);
+    }
+
+    fn detach(&self) {
         let mut slots = self.flights.slots();
         if slots.get(&*self.key).is_some_and(|s| s.id == self.id) {
             slots.remove(&*self.key);
@@ -104,14 +197,57 @@ impl<V> Drop for Completion<V> {
     }
 }
 
-impl<V: Clone + Send + Sync + 'static> Flights<V> {
-    /// Joins the load of `key` in flight, or starts one with `load` on its own task, then waits
-    /// at most `wait` for its result.
+impl<V> Drop for Claim<V> {
+    fn drop(&mut self) {
+        self.detach();
+        // The load panicked or its task was dropped: waiters get an error, not silence.
+        self.token.answer(Err(Error::LoadAborted {
+            key: self.key.to_string(),
+        }));
+    }
+}
+
+/// A caller waiting on a flight.
+pub(crate) struct Waiter<V> {
+    key: Arc<str>,
+    rx: watch::Receiver<Outcome<V>>,
+}
+
+impl<V> Waiter<V> {
+    /// The key.
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl<V: Clone> Waiter<V> {
+    /// Waits at most `within` for the flight's answer.
     ///
     /// # Errors
     /// The load's error (shared by every waiter), [`Error::LoadAborted`] if it panicked, or
-    /// [`Error::WaitTimeout`] if it took longer than `wait` (the load goes on, and later callers
-    /// still join it).
+    /// [`Error::WaitTimeout`] if it took longer than `within` (the load goes on, and later
+    /// callers still join it).
+    pub(crate) async fn wait(mut self, within: Duration) -> Result<V> {
+        let aborted = || Error::LoadAborted {
+            key: self.key.to_string(),
+        };
+        match tokio::time::timeout(within, self.rx.wait_for(Option::is_some)).await {
+            Ok(Ok(outcome)) => outcome.clone().unwrap_or_else(|| Err(aborted())),
+            Ok(Err(_closed)) => Err(aborted()),
+            Err(_) => Err(Error::WaitTimeout {
+                key: self.key.to_string(),
+                waited: within,
+            }),
+        }
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Flights<V> {
+    /// Joins the load of `key` in flight, or starts one with `load` on its own task, then waits
+    /// at most `wait` for its answer.
+    ///
+    /// # Errors
+    /// As [`Waiter::wait`].
     pub(crate) async fn run<F, Fut>(
         self: &Arc<Self>,
         key: &str,
@@ -119,58 +255,47 @@ impl<V: Clone + Send + Sync + 'static> Flights<V> {
         load: F,
     ) -> Result<V>
     where
-        F: FnOnce(FlightToken) -> Fut,
+        F: FnOnce(FlightToken<V>) -> Fut,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        let mut rx = {
-            let mut slots = self.slots();
-            match slots.get(key) {
-                Some(slot) => slot.rx.clone(),
-                None => {
-                    let key: Arc<str> = key.into();
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let token = FlightToken::default();
-                    let (tx, rx) = watch::channel(None);
-                    slots.insert(
-                        Arc::clone(&key),
-                        Slot {
-                            id,
-                            token: token.clone(),
-                            rx: rx.clone(),
-                        },
-                    );
-                    drop(slots);
-                    let completion = Completion {
-                        flights: Arc::clone(self),
-                        key,
-                        id,
-                        tx,
-                    };
-                    let fut = load(token);
-                    tokio::spawn(async move {
-                        let result = fut.await;
-                        completion.tx.send_replace(Some(result));
-                        drop(completion);
-                    });
-                    rx
-                }
+        let (waiter, claim) = self.join_or_claim(key);
+        if let Some(claim) = claim {
+            spawn_claimed(claim, load);
+        }
+        waiter.wait(wait).await
+    }
+
+    /// Starts a load of `key` on its own task unless one is in flight; does not wait.
+    /// Returns whether it started one.
+    pub(crate) fn start<F, Fut>(self: &Arc<Self>, key: &str, load: F) -> bool
+    where
+        F: FnOnce(FlightToken<V>) -> Fut,
+        Fut: Future<Output = Result<V>> + Send + 'static,
+    {
+        if self.join(key).is_some() {
+            return false;
+        }
+        match self.join_or_claim(key) {
+            (_, Some(claim)) => {
+                spawn_claimed(claim, load);
+                true
             }
-        };
-        match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(outcome)) => outcome.clone().unwrap_or_else(|| {
-                Err(Error::LoadAborted {
-                    key: key.to_string(),
-                })
-            }),
-            Ok(Err(_closed)) => Err(Error::LoadAborted {
-                key: key.to_string(),
-            }),
-            Err(_) => Err(Error::WaitTimeout {
-                key: key.to_string(),
-                waited: wait,
-            }),
+            (_, None) => false,
         }
     }
+}
+
+fn spawn_claimed<V, F, Fut>(claim: Claim<V>, load: F)
+where
+    V: Send + Sync + 'static,
+    F: FnOnce(FlightToken<V>) -> Fut,
+    Fut: Future<Output = Result<V>> + Send + 'static,
+{
+    let fut = load(claim.token());
+    tokio::spawn(async move {
+        let outcome = fut.await;
+        claim.finish(outcome);
+    });
 }
 
 #[cfg(test)]

@@ -32,14 +32,22 @@
 //! See each tier: an L1 entry lives until its own deadline, which a caller filling it from L2
 //! must keep within the L2 entry's remaining life ([`l2::Fetched::fresh_remaining`]).
 
+mod batch;
+mod breaker;
+mod builder;
+mod cache;
 mod error;
-#[allow(dead_code)] // used by TieredCache, which lands next
 mod flight;
+mod options;
 
+pub use breaker::BreakerState;
+pub use builder::{DEFAULT_LOCK_TTL, DEFAULT_MAX_LOAD_TIME, DEFAULT_TTL, TieredCacheBuilder};
+pub use cache::{BoxError, CacheStats, Loaded, TieredCache};
 pub use error::{Error, Result};
 pub use invalidation;
 pub use l1;
 pub use l2;
+pub use options::{DEFAULT_FAIL_SAFE_THROTTLE, DEFAULT_HARD_TIMEOUT, EntryOptions};
 
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]

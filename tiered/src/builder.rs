@@ -1,0 +1,281 @@
+//! [`TieredCacheBuilder`]: connects the tiers and checks the settings.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use l1::LocalCache;
+use l2::{Codec, Connection, KeySpace, LockWaiters, RedisStore, Subscriber, TypeTag};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::breaker::Breaker;
+use crate::cache::{Counters, Inner, Lifeline, TieredCache};
+use crate::error::{Error, Result};
+use crate::flight::Flights;
+use crate::options::EntryOptions;
+
+/// The default lock TTL: see [`TieredCacheBuilder::lock_time_to_live`].
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(3);
+/// The default maximum load time: see [`TieredCacheBuilder::max_load_time`].
+pub const DEFAULT_MAX_LOAD_TIME: Duration = Duration::from_secs(60);
+/// The default TTL when no default options are given.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+
+/// Builds a [`TieredCache`]; start with [`TieredCache::builder`].
+///
+/// Required: a namespace, and a Redis URL or an existing connection.
+pub struct TieredCacheBuilder<V> {
+    namespace: Option<String>,
+    schema_version: Option<u32>,
+    type_name: Option<String>,
+    redis_url: Option<String>,
+    connection: Option<Connection>,
+    subscriber: Option<Subscriber>,
+    l2_timeout: Duration,
+    l1_max_bytes: u64,
+    l1_max_entries: Option<u64>,
+    max_value_bytes: usize,
+    defaults: EntryOptions,
+    lock_ttl: Duration,
+    max_load_time: Duration,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+    _type: PhantomData<fn() -> V>,
+}
+
+impl<V> fmt::Debug for TieredCacheBuilder<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the URL: it may carry a password.
+        f.debug_struct("TieredCacheBuilder")
+            .field("namespace", &self.namespace)
+            .field("schema_version", &self.schema_version)
+            .field("l1_max_bytes", &self.l1_max_bytes)
+            .field("defaults", &self.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<V> TieredCacheBuilder<V>
+where
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new() -> Self {
+        TieredCacheBuilder {
+            namespace: None,
+            schema_version: None,
+            type_name: None,
+            redis_url: None,
+            connection: None,
+            subscriber: None,
+            l2_timeout: l2::DEFAULT_TIMEOUT,
+            l1_max_bytes: l1::DEFAULT_MAX_BYTES,
+            l1_max_entries: None,
+            max_value_bytes: l2::DEFAULT_MAX_SIZE,
+            defaults: EntryOptions::new(DEFAULT_TTL),
+            lock_ttl: DEFAULT_LOCK_TTL,
+            max_load_time: DEFAULT_MAX_LOAD_TIME,
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(1),
+            _type: PhantomData,
+        }
+    }
+
+    /// The namespace: the Redis key prefix and the L1 partition. Required.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// A schema version in every key: bump it when `V` changes shape, and old entries are
+    /// never read again. Default: none.
+    pub fn schema_version(mut self, version: u32) -> Self {
+        self.schema_version = Some(version);
+        self
+    }
+
+    /// The name written into every entry as its type tag; a reader with another name treats
+    /// the entry as foreign (a counted miss). Default: the namespace.
+    pub fn type_name(mut self, name: impl Into<String>) -> Self {
+        self.type_name = Some(name.into());
+        self
+    }
+
+    /// The Redis URL (`redis://[user:password@]host:port[/db]`). Either this or
+    /// [`TieredCacheBuilder::connection`] is required.
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = Some(url.into());
+        self
+    }
+
+    /// An existing connection, shared with other caches.
+    pub fn connection(mut self, connection: Connection) -> Self {
+        self.connection = Some(connection);
+        self
+    }
+
+    /// An existing subscriber connection, shared with other caches. Default: one of its own.
+    pub fn subscriber(mut self, subscriber: Subscriber) -> Self {
+        self.subscriber = Some(subscriber);
+        self
+    }
+
+    /// The timeout of each Redis command when connecting by URL.
+    /// Default: [`l2::DEFAULT_TIMEOUT`].
+    pub fn l2_timeout(mut self, timeout: Duration) -> Self {
+        self.l2_timeout = timeout;
+        self
+    }
+
+    /// The L1 byte budget (values weigh their encoded size). Default: [`l1::DEFAULT_MAX_BYTES`].
+    pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
+        self.l1_max_bytes = bytes;
+        self
+    }
+
+    /// An L1 entry bound on top of the byte budget. Default: none.
+    pub fn l1_max_entries(mut self, entries: u64) -> Self {
+        self.l1_max_entries = Some(entries);
+        self
+    }
+
+    /// The largest encoded value written to or read from Redis. Default: [`l2::DEFAULT_MAX_SIZE`].
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// The options of calls without their own. Default: a TTL of [`DEFAULT_TTL`], the rest as
+    /// [`EntryOptions::new`].
+    pub fn default_options(mut self, options: EntryOptions) -> Self {
+        self.defaults = options;
+        self
+    }
+
+    /// How long a load lock lives without renewal. The holder renews it every third of this
+    /// while its loader runs, so a dead holder's lock is gone within about this long.
+    /// Default: [`DEFAULT_LOCK_TTL`].
+    pub fn lock_time_to_live(mut self, ttl: Duration) -> Self {
+        self.lock_ttl = ttl;
+        self
+    }
+
+    /// The longest a load may run in the background (after its callers gave up at their hard
+    /// timeout) before it is stopped and its lock released. Default: [`DEFAULT_MAX_LOAD_TIME`].
+    pub fn max_load_time(mut self, limit: Duration) -> Self {
+        self.max_load_time = limit;
+        self
+    }
+
+    /// The circuit breaker: it opens after `failures` L2 availability failures in a row and
+    /// then skips L2 for `cooldown`, after which one call probes it. Default: 5 and 1 s.
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_threshold = failures;
+        self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// Connects (unless given a connection), subscribes to the lock notices and builds the
+    /// cache. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the setting that is missing or invalid; [`Error::L2`] when
+    /// Redis cannot be reached or refuses the subscription.
+    pub async fn build(self) -> Result<TieredCache<V>> {
+        let namespace = self
+            .namespace
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| Error::Config("namespace is required".into()))?;
+        self.defaults
+            .validate()
+            .map_err(|e| Error::Config(format!("default_options: {e}")))?;
+        if self.lock_ttl < Duration::from_millis(3) {
+            return Err(Error::Config(
+                "lock_time_to_live must be at least 3 ms".into(),
+            ));
+        }
+        if self.max_load_time.is_zero() {
+            return Err(Error::Config("max_load_time must be above zero".into()));
+        }
+        if self.breaker_cooldown.is_zero() {
+            return Err(Error::Config(
+                "circuit_breaker cooldown must be above zero".into(),
+            ));
+        }
+        let connection = match (self.connection, self.redis_url) {
+            (Some(c), _) => c,
+            (None, Some(url)) => {
+                Connection::builder(url)
+                    .timeout(self.l2_timeout)
+                    .connect()
+                    .await?
+            }
+            (None, None) => {
+                return Err(Error::Config("redis_url or connection is required".into()));
+            }
+        };
+        let subscriber = match self.subscriber {
+            Some(s) => s,
+            None => Subscriber::connect(&connection).await?,
+        };
+        let mut space = KeySpace::new(&namespace);
+        if let Some(v) = self.schema_version {
+            space = space.schema_version(v);
+        }
+        let waiters = LockWaiters::attach(&subscriber, &space).await?;
+        let tag = TypeTag::from_name(self.type_name.as_deref().unwrap_or(&namespace));
+        let codec = Codec::new(tag).max_size(self.max_value_bytes);
+        let mut l1 = LocalCache::builder().max_bytes(self.l1_max_bytes);
+        if let Some(n) = self.l1_max_entries {
+            l1 = l1.max_entries(n);
+        }
+        let l1 = l1.build();
+        let (tx, rx) = watch::channel(());
+        spawn_maintenance(l1.clone(), rx.clone());
+        let inner = Inner {
+            namespace: namespace.into(),
+            space,
+            l1,
+            store: RedisStore::new(connection),
+            codec,
+            waiters,
+            defaults: self.defaults,
+            lock_ttl: self.lock_ttl,
+            max_load_time: self.max_load_time,
+            breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
+            closed: rx,
+            loads: Flights::new(),
+            reads: Flights::new(),
+            counters: Counters::default(),
+        };
+        // The subscriber must live as long as the cache: its handlers are what wake waiters.
+        let lifeline = Lifeline {
+            _close: tx,
+            _subscriber: subscriber,
+        };
+        Ok(TieredCache {
+            inner: Arc::new(inner),
+            _lifeline: Arc::new(lifeline),
+        })
+    }
+}
+
+/// Runs L1's maintenance (expiry, eviction to the budget, counters) every second, so an idle
+/// cache still shrinks; stops with the cache.
+fn spawn_maintenance<V: Send + Sync + 'static>(
+    l1: LocalCache<crate::cache::Held<V>>,
+    mut closed: watch::Receiver<()>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => l1.run_pending_tasks().await,
+                _ = closed.changed() => return,
+            }
+        }
+    });
+}

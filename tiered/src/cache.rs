@@ -1,0 +1,1084 @@
+//! [`TieredCache`]: the read-through cache users call.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use l1::{Entry, LocalCache};
+use l2::{Codec, EntryMeta, Fetched, Key, KeySpace, Lock, LockWaiters, RedisStore};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::breaker::{Breaker, BreakerState};
+use crate::error::{Error, Result};
+use crate::flight::{FlightToken, Flights};
+use crate::options::EntryOptions;
+
+/// What a loader's error may be: anything that converts into a boxed error (`std` errors,
+/// `anyhow::Error`, strings).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+type LoadFuture<V> = Pin<Box<dyn Future<Output = std::result::Result<Loaded<V>, BoxError>> + Send>>;
+type Loader<V> = Box<dyn FnOnce() -> LoadFuture<V> + Send>;
+
+/// What a loader returns: a value (any `V` converts into it), or "not found", optionally with
+/// its own TTL (adaptive caching: the loader knows best how long its answer holds).
+///
+/// ```
+/// use std::time::Duration;
+/// use tiered::Loaded;
+///
+/// let plain: Loaded<u32> = 7.into();
+/// let short = Loaded::new(7u32).time_to_live(Duration::from_secs(5));
+/// let missing = Loaded::<u32>::not_found();
+/// # let _ = (plain, short, missing);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded<V> {
+    value: Option<V>,
+    ttl: Option<Duration>,
+}
+
+impl<V> Loaded<V> {
+    /// A loaded value.
+    pub fn new(value: V) -> Self {
+        Loaded {
+            value: Some(value),
+            ttl: None,
+        }
+    }
+
+    /// The value does not exist. Cached for [`EntryOptions::negative_ttl`] if set; the call
+    /// returns [`Error::NotFound`].
+    pub fn not_found() -> Self {
+        Loaded {
+            value: None,
+            ttl: None,
+        }
+    }
+
+    /// Overrides the TTL of this value (for a "not found", the negative TTL).
+    pub fn time_to_live(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+impl<V> From<V> for Loaded<V> {
+    fn from(value: V) -> Self {
+        Loaded::new(value)
+    }
+}
+
+/// What L1 holds: the value (or a cached "not found") and its logical deadlines. The L1
+/// entry's own freshness ([`Entry::is_fresh`]) is how long this node trusts it without asking
+/// L2; its expiry is the end of its stale and fail-safe life.
+pub(crate) struct Held<V> {
+    pub(crate) value: Option<V>,
+    fresh_until: Instant,
+    swr_until: Instant,
+}
+
+pub(crate) type L1Entry<V> = Arc<Entry<Held<V>>>;
+
+/// A value kept to serve when a fresh one cannot be had.
+struct Fallback<V> {
+    value: Option<V>,
+    fresh: bool,
+    in_swr: bool,
+}
+
+impl<V: Clone> Fallback<V> {
+    fn from_l1(entry: &Entry<Held<V>>) -> Self {
+        let now = Instant::now();
+        let held = entry.value();
+        Fallback {
+            value: held.value.clone(),
+            fresh: now < held.fresh_until,
+            in_swr: now < held.swr_until,
+        }
+    }
+
+    /// A fallback may stand in for a failed load when fail-safe is on (or when it is still
+    /// fresh: then only the check against L2 failed).
+    fn usable(&self, opts: &EntryOptions) -> bool {
+        self.fresh || !opts.fail_safe_max.is_zero()
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) l1_hits: AtomicU64,
+    pub(crate) l2_hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) loads: AtomicU64,
+    pub(crate) load_errors: AtomicU64,
+    pub(crate) not_found: AtomicU64,
+    pub(crate) stale_served: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
+    pub(crate) fail_safe: AtomicU64,
+    pub(crate) lock_waits: AtomicU64,
+    pub(crate) duplicate_loads: AtomicU64,
+    pub(crate) unlocked_loads: AtomicU64,
+    pub(crate) l2_failures: AtomicU64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A snapshot of a cache's counters, from [`TieredCache::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Reads answered by a fresh L1 entry.
+    pub l1_hits: u64,
+    /// Reads answered by a fresh L2 entry.
+    pub l2_hits: u64,
+    /// Reads that needed the loader (or found nothing, for `get`).
+    pub misses: u64,
+    /// Loader runs that returned (values and "not found").
+    pub loads: u64,
+    /// Loader runs that failed, panicked or were cut off.
+    pub load_errors: u64,
+    /// Loads that returned "not found".
+    pub not_found: u64,
+    /// Stale values served inside the stale-while-revalidate window.
+    pub stale_served: u64,
+    /// Background refreshes started by stale reads.
+    pub refreshes: u64,
+    /// Stale values served because a load failed or passed its soft timeout.
+    pub fail_safe: u64,
+    /// Loads that waited for another process's lock.
+    pub lock_waits: u64,
+    /// Loads whose result was not written because the lock had passed to someone else (a
+    /// newer write, or a duplicate load after the lock expired): counted, not an error.
+    pub duplicate_loads: u64,
+    /// Loads run without the Redis lock because Redis was unavailable or skipped.
+    pub unlocked_loads: u64,
+    /// L2 calls that failed for availability (timeouts, connection errors).
+    pub l2_failures: u64,
+    /// How many times the circuit breaker opened.
+    pub breaker_opened: u64,
+    /// The L1 tier's own counters.
+    pub l1: l1::Stats,
+    /// The L2 store's counters (shared by caches on the same store).
+    pub l2: l2::StoreStats,
+}
+
+impl CacheStats {
+    /// The share of reads answered from a tier (L1 or L2) rather than the loader.
+    pub fn hit_ratio(&self) -> f64 {
+        let hits = self.l1_hits + self.l2_hits + self.stale_served;
+        let total = hits + self.misses;
+        if total == 0 {
+            return 0.0;
+        }
+        hits as f64 / total as f64
+    }
+}
+
+/// Everything a cache handle shares with its background tasks.
+pub(crate) struct Inner<V> {
+    pub(crate) namespace: Arc<str>,
+    pub(crate) space: KeySpace,
+    pub(crate) l1: LocalCache<Held<V>>,
+    pub(crate) store: RedisStore,
+    pub(crate) codec: Codec<V>,
+    pub(crate) waiters: LockWaiters,
+    pub(crate) defaults: EntryOptions,
+    pub(crate) lock_ttl: Duration,
+    pub(crate) max_load_time: Duration,
+    pub(crate) breaker: Breaker,
+    pub(crate) closed: watch::Receiver<()>,
+    pub(crate) loads: Arc<Flights<Option<V>>>,
+    pub(crate) reads: Arc<Flights<Option<V>>>,
+    pub(crate) counters: Counters,
+}
+
+/// Dropped with the last [`TieredCache`] handle: ends the background tasks and closes the
+/// subscriber connection.
+pub(crate) struct Lifeline {
+    pub(crate) _close: watch::Sender<()>,
+    pub(crate) _subscriber: l2::Subscriber,
+}
+
+/// A two-level cache of `V` values in one namespace: L1 in this process, L2 in Redis.
+///
+/// Cheap to clone (an `Arc` inside); background work (loads, refreshes, L1 maintenance) stops
+/// when the last clone is dropped. Several caches (one per value type or namespace) can share
+/// one [`l2::Connection`].
+///
+/// ```no_run
+/// # async fn f() -> tiered::Result<()> {
+/// use std::time::Duration;
+/// use tiered::{EntryOptions, TieredCache};
+///
+/// #[derive(Clone, serde::Serialize, serde::Deserialize)]
+/// struct User { id: u64, name: String }
+///
+/// let users: TieredCache<User> = TieredCache::builder()
+///     .namespace("users")
+///     .redis_url("redis://127.0.0.1:6379")
+///     .l1_max_bytes(64 << 20)
+///     .default_options(
+///         EntryOptions::new(Duration::from_secs(300))
+///             .stale_while_revalidate(Duration::from_secs(60))
+///             .l1_time_to_live(Duration::from_secs(30)),
+///     )
+///     .build()
+///     .await?;
+/// let user = users
+///     .get_or_set("42", || async {
+///         Ok::<_, std::io::Error>(User { id: 42, name: "Ada".into() })
+///     })
+///     .await?;
+/// users.invalidate("42").await?;
+/// # let _ = user; Ok(()) }
+/// ```
+pub struct TieredCache<V> {
+    pub(crate) inner: Arc<Inner<V>>,
+    pub(crate) _lifeline: Arc<Lifeline>,
+}
+
+impl<V> Clone for TieredCache<V> {
+    fn clone(&self) -> Self {
+        TieredCache {
+            inner: Arc::clone(&self.inner),
+            _lifeline: Arc::clone(&self._lifeline),
+        }
+    }
+}
+
+impl<V> fmt::Debug for TieredCache<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TieredCache")
+            .field("namespace", &self.inner.namespace)
+            .field("l1", &self.inner.l1)
+            .field("defaults", &self.inner.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+fn found<V>(key: &str, value: Option<V>) -> Result<V> {
+    value.ok_or_else(|| Error::NotFound {
+        key: key.to_string(),
+    })
+}
+
+impl<V> TieredCache<V>
+where
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    /// A builder; see [`TieredCacheBuilder`](crate::TieredCacheBuilder).
+    pub fn builder() -> crate::TieredCacheBuilder<V> {
+        crate::TieredCacheBuilder::new()
+    }
+
+    /// The value of `key`: from L1 if fresh, else from L2 if fresh, else from `load`, with the
+    /// default options. See [`TieredCache::get_or_set_with`].
+    ///
+    /// # Errors
+    /// As [`TieredCache::get_or_set_with`].
+    pub async fn get_or_set<F, Fut, T, E>(&self, key: &str, load: F) -> Result<V>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        T: Into<Loaded<V>>,
+        E: Into<BoxError>,
+    {
+        self.get_or_set_with(key, self.inner.defaults, load).await
+    }
+
+    /// The value of `key`: from L1 if fresh, else from L2 if fresh (filling L1, for no longer
+    /// than the L2 entry lives), else from `load` (writing both tiers).
+    ///
+    /// Inside the stale-while-revalidate window the stale value is returned at once and one
+    /// background task refreshes it. If the load fails or passes its soft timeout and a value
+    /// within the fail-safe window exists, that value is returned instead.
+    ///
+    /// The loader and its future are `'static` (move what they need into them, an `Arc` of
+    /// your database pool for instance): a load runs on its own task so that no caller owns
+    /// it. A caller that gives up or is cancelled strands nobody, a timed-out load can finish
+    /// in the background, and a refresh outlives the read that started it.
+    ///
+    /// # Concurrent calls on the same key
+    /// In this process, concurrent misses share one load (single-flight); a caller that
+    /// arrives after [`TieredCache::invalidate`] or [`TieredCache::set`] of the key never
+    /// joins a load that started before it, and that load's result never lands in L1. Across
+    /// processes, a Redis lock per key lets one process load while the others wait for its
+    /// value (woken by a pub/sub notice, with a bounded wait); if the holder dies, another
+    /// takes over once its lock expires. The lock is an efficiency measure: a holder that
+    /// lost it never overwrites a newer value, and a duplicate load is counted, not an error.
+    /// If Redis is unavailable, loads are deduplicated in process only.
+    ///
+    /// # Cancellation
+    /// Dropping the returned future stops this caller waiting; the load goes on for the
+    /// others (and lands in the cache), bounded by the cache's maximum load time.
+    ///
+    /// # Errors
+    /// [`Error::Loader`] with the loader's error (shared by every caller of the load),
+    /// [`Error::LoadAborted`] if it panicked, [`Error::WaitTimeout`] past the hard timeout,
+    /// [`Error::NotFound`] for [`Loaded::not_found`]. Redis failures are not errors here:
+    /// reads fall back to the loader.
+    pub async fn get_or_set_with<F, Fut, T, E>(
+        &self,
+        key: &str,
+        options: EntryOptions,
+        load: F,
+    ) -> Result<V>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        T: Into<Loaded<V>>,
+        E: Into<BoxError>,
+    {
+        let candidate = if options.skip_l1 {
+            None
+        } else {
+            self.inner.l1.get(key).await
+        };
+        if let Some(entry) = &candidate
+            && entry.is_fresh()
+        {
+            bump(&self.inner.counters.l1_hits);
+            return found(key, entry.value().value.clone());
+        }
+        let loader: Loader<V> = Box::new(move || {
+            Box::pin(async move { load().await.map(Into::into).map_err(Into::into) })
+        });
+        let value = self
+            .inner
+            .slow(key, options, Some(loader), candidate)
+            .await?;
+        found(key, value)
+    }
+
+    /// The value of `key` if either tier has it (fresh, or stale inside the
+    /// stale-while-revalidate window), with the default options. Never loads.
+    ///
+    /// # Concurrent calls on the same key
+    /// Concurrent L1 misses share one L2 read.
+    ///
+    /// # Errors
+    /// [`Error::L2`] or [`Error::CircuitOpen`] when the value is not in L1 and Redis cannot
+    /// be asked ([`Error::is_unavailable`]).
+    pub async fn get(&self, key: &str) -> Result<Option<V>> {
+        self.get_with(key, self.inner.defaults).await
+    }
+
+    /// As [`TieredCache::get`], with `options`.
+    ///
+    /// # Errors
+    /// As [`TieredCache::get`].
+    pub async fn get_with(&self, key: &str, options: EntryOptions) -> Result<Option<V>> {
+        let candidate = if options.skip_l1 {
+            None
+        } else {
+            self.inner.l1.get(key).await
+        };
+        if let Some(entry) = &candidate
+            && entry.is_fresh()
+        {
+            bump(&self.inner.counters.l1_hits);
+            return Ok(entry.value().value.clone());
+        }
+        self.inner.slow(key, options, None, candidate).await
+    }
+
+    /// Writes `value` under `key` in L2 (breaking any load in flight, so no older load can
+    /// overwrite it) and then in L1, with the default options.
+    ///
+    /// # Concurrent calls on the same key
+    /// Loads of the key in flight in this process are detached: their results never reach
+    /// L1, and callers after this one never join them.
+    ///
+    /// # Errors
+    /// [`Error::L2`] if the value cannot be encoded or Redis does not acknowledge the write;
+    /// the key is then dropped from L1 too (its state is unknown).
+    pub async fn set(&self, key: &str, value: &V) -> Result<()> {
+        self.set_with(key, value, self.inner.defaults).await
+    }
+
+    /// As [`TieredCache::set`], with `options`.
+    ///
+    /// # Errors
+    /// As [`TieredCache::set`].
+    pub async fn set_with(&self, key: &str, value: &V, options: EntryOptions) -> Result<()> {
+        let inner = &self.inner;
+        inner.detach(key);
+        let fresh = options.jittered_ttl();
+        let life = fresh + options.swr.max(options.fail_safe_max);
+        let meta = EntryMeta {
+            write_version: 0,
+            fresh_for: fresh,
+            stale_for: life,
+        };
+        let bytes = inner.codec.encode(value, &meta)?;
+        if !options.skip_l2 {
+            let rkey = inner.space.key(key);
+            let written = inner.store.overwrite(&rkey, &bytes, life).await;
+            inner.note_l2(written.as_ref().err());
+            if let Err(e) = written {
+                inner.detach(key);
+                inner.l1.invalidate(key).await;
+                return Err(e.into());
+            }
+        }
+        // Loads that started while the write was on its way read the old value: detach them
+        // again before filling L1.
+        inner.detach(key);
+        if !options.skip_l1 {
+            let entry = inner.entry(Some(value.clone()), bytes.len(), fresh, life, &options);
+            inner.l1.insert(Arc::<str>::from(key), entry).await;
+        }
+        Ok(())
+    }
+
+    /// Removes `key` from L2 (breaking any load in flight) and from L1.
+    ///
+    /// # Concurrent calls on the same key
+    /// As [`TieredCache::set`]: no load that started before this call fills L1 after it.
+    ///
+    /// # Errors
+    /// [`Error::L2`] if Redis does not acknowledge the delete (L1 is cleared anyway).
+    pub async fn invalidate(&self, key: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.detach(key);
+        inner.l1.invalidate(key).await;
+        let removed = inner.store.remove(&inner.space.key(key)).await;
+        inner.note_l2(removed.as_ref().err());
+        inner.detach(key);
+        inner.l1.invalidate(key).await;
+        removed.map(|_| ()).map_err(Into::into)
+    }
+
+    /// Drops every entry of this cache from this process's L1 (L2 is untouched).
+    pub fn invalidate_local(&self) {
+        self.inner.loads.invalidate_all();
+        self.inner.reads.invalidate_all();
+        self.inner.l1.invalidate_all();
+    }
+
+    /// Loads several keys at once: L1 first, then one L2 round trip for the rest, then
+    /// `load` once with only the keys still missing; joins loads already in flight for any
+    /// of them. Returns the values found; keys the loader does not return are absent from the
+    /// map (and cached as "not found" if a negative TTL is set).
+    ///
+    /// # Concurrent calls on the same key
+    /// Single-key calls for any of the loading keys join this batch's load. Across processes
+    /// a batch takes no lock (one per key would cost a round trip each): batch loads are
+    /// deduplicated in process only.
+    ///
+    /// # Cancellation
+    /// As [`TieredCache::get_or_set_with`]: the batch load runs on its own task.
+    ///
+    /// # Errors
+    /// The batch loader's error, or that of a joined load; [`Error::WaitTimeout`] past the
+    /// hard timeout. Redis failures fall back to the loader.
+    pub async fn get_or_set_many<K, F, Fut, I, E>(
+        &self,
+        keys: &[K],
+        load: F,
+    ) -> Result<HashMap<String, V>>
+    where
+        K: AsRef<str>,
+        F: FnOnce(Vec<String>) -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<I, E>> + Send + 'static,
+        I: IntoIterator<Item = (String, V)>,
+        E: Into<BoxError>,
+    {
+        crate::batch::get_or_set_many(self, keys, self.inner.defaults, load).await
+    }
+
+    /// The circuit breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state_now()
+    }
+
+    /// Loads and L2 reads in flight in this process.
+    pub fn in_flight(&self) -> usize {
+        self.inner.loads.len() + self.inner.reads.len()
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The L2 store (to share its connection with another cache, or for raw access).
+    pub fn store(&self) -> &RedisStore {
+        &self.inner.store
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            l1_hits: get(&c.l1_hits),
+            l2_hits: get(&c.l2_hits),
+            misses: get(&c.misses),
+            loads: get(&c.loads),
+            load_errors: get(&c.load_errors),
+            not_found: get(&c.not_found),
+            stale_served: get(&c.stale_served),
+            refreshes: get(&c.refreshes),
+            fail_safe: get(&c.fail_safe),
+            lock_waits: get(&c.lock_waits),
+            duplicate_loads: get(&c.duplicate_loads),
+            unlocked_loads: get(&c.unlocked_loads),
+            l2_failures: get(&c.l2_failures),
+            breaker_opened: self.inner.breaker.times_opened(),
+            l1: self.inner.l1.stats(),
+            l2: self.inner.store.stats(),
+        }
+    }
+}
+
+/// What one L2 read found.
+enum L2Read<V> {
+    Fresh(Fetched<Option<V>>),
+    Stale(Fetched<Option<V>>),
+    Miss,
+    Down(l2::Error),
+}
+
+/// Releases a lock on every exit path: if the load ends without releasing it (an error,
+/// a panic, a cut-off), a task releases it, so waiters take over at once.
+struct LockGuard {
+    store: RedisStore,
+    lock: Option<Lock>,
+}
+
+impl LockGuard {
+    fn take(&mut self) -> Option<Lock> {
+        self.lock.take()
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let store = self.store.clone();
+            rt.spawn(async move {
+                let _ = store.unlock(&lock).await;
+            });
+        }
+    }
+}
+
+/// Aborts the loader's task if the load is dropped (cut off at the maximum load time, or
+/// the cache shut down).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<V> Inner<V>
+where
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    /// Detaches loads and reads in flight for `key`: their results must not reach L1.
+    pub(crate) fn detach(&self, key: &str) {
+        self.loads.invalidate(key);
+        self.reads.invalidate(key);
+    }
+
+    /// Feeds the breaker with the outcome of an L2 call.
+    pub(crate) fn note_l2(&self, error: Option<&l2::Error>) {
+        match error {
+            Some(e) if e.is_unavailable() => {
+                bump(&self.counters.l2_failures);
+                self.breaker.failure();
+            }
+            _ => self.breaker.success(),
+        }
+    }
+
+    /// An L1 entry for a value written now.
+    pub(crate) fn entry(
+        &self,
+        value: Option<V>,
+        weight: usize,
+        fresh: Duration,
+        life: Duration,
+        opts: &EntryOptions,
+    ) -> Entry<Held<V>> {
+        let now = Instant::now();
+        let held = Held {
+            value,
+            fresh_until: now + fresh,
+            swr_until: now + fresh + opts.swr,
+        };
+        Entry::new(Arc::clone(&self.namespace), held)
+            .weight(weight)
+            .time_to_live(life)
+            .fresh_for(opts.l1_ttl.map_or(fresh, |t| t.min(fresh)))
+    }
+
+    /// An L1 entry for a value read from L2: no longer than the L2 entry lives.
+    pub(crate) fn entry_from_l2(
+        &self,
+        f: &Fetched<Option<V>>,
+        opts: &EntryOptions,
+    ) -> Entry<Held<V>> {
+        let now = Instant::now();
+        let fresh = f.fresh_remaining();
+        let swr = (f.meta.fresh_for + opts.swr).saturating_sub(f.age());
+        let life = f.remaining.unwrap_or(f.meta.stale_for);
+        let held = Held {
+            value: f.value.clone(),
+            fresh_until: now + fresh,
+            swr_until: now + swr,
+        };
+        Entry::new(Arc::clone(&self.namespace), held)
+            .weight(f.size)
+            .time_to_live(life)
+            .fresh_for(opts.l1_ttl.map_or(fresh, |t| t.min(fresh)))
+            .version(f.meta.write_version)
+    }
+
+    /// Puts `entry` in L1 unless the flight was detached (before, or while inserting).
+    pub(crate) async fn fill(
+        &self,
+        key: &Arc<str>,
+        entry: Entry<Held<V>>,
+        opts: &EntryOptions,
+        token: &FlightToken<Option<V>>,
+    ) {
+        if opts.skip_l1 || token.is_invalidated() {
+            return;
+        }
+        self.l1.insert(Arc::clone(key), entry).await;
+        if token.is_invalidated() {
+            self.l1.invalidate(&**key).await;
+        }
+    }
+
+    async fn l2_read(&self, rkey: &Key) -> L2Read<V> {
+        let read = self.store.lookup(rkey, &self.codec).await;
+        match read {
+            Ok(Some(f)) if f.is_fresh() => {
+                self.breaker.success();
+                L2Read::Fresh(f)
+            }
+            Ok(Some(f)) => {
+                self.breaker.success();
+                L2Read::Stale(f)
+            }
+            Ok(None) => {
+                self.breaker.success();
+                L2Read::Miss
+            }
+            // Bad bytes: evicted and counted by the store; a miss here.
+            Err(e) if e.is_decode() => {
+                self.breaker.success();
+                L2Read::Miss
+            }
+            Err(e) => {
+                self.note_l2(Some(&e));
+                L2Read::Down(e)
+            }
+        }
+    }
+
+    /// Serves `fallback` as a fail-safe answer, counting it once and throttling the loader:
+    /// L1 then holds the old value as fresh for the throttle period.
+    async fn serve_fail_safe(
+        &self,
+        key: &Arc<str>,
+        fallback: &Fallback<V>,
+        opts: &EntryOptions,
+        token: &FlightToken<Option<V>>,
+        why: &(dyn fmt::Display + Sync),
+    ) {
+        if token.answer(Ok(fallback.value.clone())) {
+            bump(&self.counters.fail_safe);
+            tracing::warn!(
+                target: "tiered::fail_safe",
+                namespace = %self.namespace,
+                reason = %why,
+                "serving a stale value: the load failed or is late"
+            );
+        }
+        if !fallback.fresh {
+            let throttle = opts.fail_safe_throttle;
+            let entry = self.entry(fallback.value.clone(), 0, throttle, throttle, opts);
+            self.fill(key, entry, opts, token).await;
+        }
+    }
+
+    /// The slow path, after L1 had no fresh entry.
+    async fn slow(
+        self: &Arc<Self>,
+        key: &str,
+        opts: EntryOptions,
+        loader: Option<Loader<V>>,
+        candidate: Option<L1Entry<V>>,
+    ) -> Result<Option<V>> {
+        let fallback = candidate.as_deref().map(Fallback::from_l1);
+        if let Some(fb) = &fallback
+            && !fb.fresh
+            && fb.in_swr
+        {
+            // Stale-while-revalidate from L1: answer now, refresh once in the background.
+            bump(&self.counters.stale_served);
+            if let Some(loader) = loader {
+                let inner = Arc::clone(self);
+                let key_arc: Arc<str> = key.into();
+                let started = self.loads.start(key, move |token| {
+                    inner.guarded(token.clone(), key_arc, opts, Some(loader), candidate)
+                });
+                if started {
+                    bump(&self.counters.refreshes);
+                }
+            }
+            return Ok(fb.value.clone());
+        }
+        let flights = if loader.is_some() {
+            &self.loads
+        } else {
+            &self.reads
+        };
+        let inner = Arc::clone(self);
+        let key_arc: Arc<str> = key.into();
+        let outcome = flights
+            .run(key, opts.hard_timeout, move |token| {
+                inner.guarded(token, key_arc, opts, loader, candidate)
+            })
+            .await;
+        match (outcome, fallback) {
+            (Err(e), Some(fb)) if e.is_load_failure() && fb.usable(&opts) => {
+                bump(&self.counters.fail_safe);
+                tracing::warn!(
+                    target: "tiered::fail_safe",
+                    namespace = %self.namespace,
+                    error = %e,
+                    "serving a stale value: the load failed or is late"
+                );
+                Ok(fb.value)
+            }
+            (outcome, _) => outcome,
+        }
+    }
+
+    /// A flight's body, bounded by the maximum load time and the cache's life.
+    fn guarded(
+        self: Arc<Self>,
+        token: FlightToken<Option<V>>,
+        key: Arc<str>,
+        opts: EntryOptions,
+        loader: Option<Loader<V>>,
+        candidate: Option<L1Entry<V>>,
+    ) -> impl Future<Output = Result<Option<V>>> + Send + 'static {
+        let mut closed = self.closed.clone();
+        let limit = self.max_load_time;
+        let aborted = Error::LoadAborted {
+            key: key.to_string(),
+        };
+        let cut_off = Error::WaitTimeout {
+            key: key.to_string(),
+            waited: limit,
+        };
+        async move {
+            let body = self.resolve(key, opts, loader, candidate, token);
+            tokio::select! {
+                r = tokio::time::timeout(limit, body) => r.unwrap_or(Err(cut_off)),
+                _ = closed.changed() => Err(aborted),
+            }
+        }
+    }
+
+    /// L2, then the lock and the loader: runs as a flight on its own task.
+    async fn resolve(
+        self: Arc<Self>,
+        key: Arc<str>,
+        opts: EntryOptions,
+        loader: Option<Loader<V>>,
+        candidate: Option<L1Entry<V>>,
+        token: FlightToken<Option<V>>,
+    ) -> Result<Option<V>> {
+        let rkey = self.space.key(&key);
+        let mut fallback = candidate.as_deref().map(Fallback::from_l1);
+        let mut l2_usable = !opts.skip_l2 && self.breaker.allow();
+        let mut l2_error = None;
+        if l2_usable {
+            match self.l2_read(&rkey).await {
+                L2Read::Fresh(f) => {
+                    bump(&self.counters.l2_hits);
+                    let entry = self.entry_from_l2(&f, &opts);
+                    self.fill(&key, entry, &opts, &token).await;
+                    return Ok(f.value);
+                }
+                L2Read::Stale(f) => {
+                    let entry = self.entry_from_l2(&f, &opts);
+                    let fb = Fallback::from_l1(&entry);
+                    if fb.in_swr && loader.is_some() && token.answer(Ok(fb.value.clone())) {
+                        bump(&self.counters.stale_served);
+                        bump(&self.counters.refreshes);
+                        self.fill(&key, entry, &opts, &token).await;
+                    }
+                    fallback = Some(fb);
+                }
+                L2Read::Miss => {}
+                L2Read::Down(e) => {
+                    l2_usable = false;
+                    if let Some(fb) = &fallback
+                        && fb.fresh
+                    {
+                        return Ok(fb.value.clone());
+                    }
+                    l2_error = Some(e);
+                }
+            }
+        }
+        let Some(loader) = loader else {
+            if let Some(fb) = fallback.filter(|f| f.in_swr) {
+                bump(&self.counters.stale_served);
+                return Ok(fb.value);
+            }
+            bump(&self.counters.misses);
+            if let Some(e) = l2_error {
+                return Err(e.into());
+            }
+            if !opts.skip_l2 && !l2_usable {
+                return Err(Error::CircuitOpen);
+            }
+            return Ok(None);
+        };
+        if !token.is_answered() {
+            bump(&self.counters.misses);
+        }
+        if !l2_usable {
+            bump(&self.counters.unlocked_loads);
+            return self
+                .run_load(&key, &opts, loader, fallback, &token, None)
+                .await;
+        }
+        self.locked_load(&key, &rkey, &opts, loader, fallback, &token)
+            .await
+    }
+
+    /// Takes the key's Redis lock and loads, or waits for the holder's value.
+    async fn locked_load(
+        &self,
+        key: &Arc<str>,
+        rkey: &Key,
+        opts: &EntryOptions,
+        loader: Loader<V>,
+        mut fallback: Option<Fallback<V>>,
+        token: &FlightToken<Option<V>>,
+    ) -> Result<Option<V>> {
+        // A live holder extends its lock every third of its TTL, so polling at that pace (on
+        // top of the notices) finds a dead holder's lock gone within about one TTL.
+        let poll = self.lock_ttl / 3;
+        let mut waited = false;
+        loop {
+            // Watch before trying, so a notice sent between the two still wakes us.
+            let mut wait = self.waiters.watch(rkey);
+            let locked = self.store.try_lock(rkey, self.lock_ttl).await;
+            self.note_l2(locked.as_ref().err());
+            match locked {
+                Ok(Some(lock)) => {
+                    drop(wait);
+                    // The value may have landed between our read and the lock.
+                    match self.l2_read(rkey).await {
+                        L2Read::Fresh(f) => {
+                            let _ = self.store.unlock(&lock).await;
+                            bump(&self.counters.l2_hits);
+                            let entry = self.entry_from_l2(&f, opts);
+                            self.fill(key, entry, opts, token).await;
+                            return Ok(f.value);
+                        }
+                        L2Read::Stale(f) if fallback.is_none() => {
+                            fallback = Some(Fallback::from_l1(&self.entry_from_l2(&f, opts)));
+                        }
+                        _ => {}
+                    }
+                    return self
+                        .run_load(key, opts, loader, fallback, token, Some(lock))
+                        .await;
+                }
+                Ok(None) => {
+                    if !waited {
+                        waited = true;
+                        bump(&self.counters.lock_waits);
+                    }
+                    wait.notified(poll).await;
+                    match self.l2_read(rkey).await {
+                        L2Read::Fresh(f) => {
+                            bump(&self.counters.l2_hits);
+                            let entry = self.entry_from_l2(&f, opts);
+                            self.fill(key, entry, opts, token).await;
+                            return Ok(f.value);
+                        }
+                        L2Read::Down(_) => break,
+                        L2Read::Stale(_) | L2Read::Miss => {}
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        bump(&self.counters.unlocked_loads);
+        self.run_load(key, opts, loader, fallback, token, None)
+            .await
+    }
+
+    /// Runs the loader on its own task (a panic becomes an error), extending `lock` while it
+    /// runs and serving the fallback at the soft timeout; then writes L2 (only while the lock
+    /// holds) and L1.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_load(
+        &self,
+        key: &Arc<str>,
+        opts: &EntryOptions,
+        loader: Loader<V>,
+        fallback: Option<Fallback<V>>,
+        token: &FlightToken<Option<V>>,
+        lock: Option<Lock>,
+    ) -> Result<Option<V>> {
+        let mut task = AbortOnDrop(tokio::spawn(loader()));
+        let mut guard = LockGuard {
+            store: self.store.clone(),
+            lock,
+        };
+        let extend_every = self.lock_ttl / 3;
+        let extend = tokio::time::sleep(extend_every);
+        tokio::pin!(extend);
+        let soft = opts
+            .soft_timeout
+            .filter(|_| fallback.as_ref().is_some_and(|f| f.usable(opts)));
+        let soft_sleep = tokio::time::sleep(soft.unwrap_or(Duration::ZERO));
+        tokio::pin!(soft_sleep);
+        let mut soft_armed = soft.is_some();
+        let outcome = loop {
+            tokio::select! {
+                r = &mut task.0 => break r,
+                () = &mut soft_sleep, if soft_armed => {
+                    soft_armed = false;
+                    if let Some(fb) = &fallback {
+                        self.serve_fail_safe(key, fb, opts, token, &"soft timeout").await;
+                    }
+                }
+                () = &mut extend, if guard.lock.is_some() => {
+                    extend.as_mut().reset(tokio::time::Instant::now() + extend_every);
+                    if let Some(lock) = &guard.lock {
+                        match self.store.extend_lock(lock, self.lock_ttl).await {
+                            Ok(true) => {}
+                            // Someone else has it now: our result will not be written.
+                            Ok(false) => {
+                                tracing::debug!(target: "tiered::lock", "lost the lock while loading");
+                                guard.lock = None;
+                            }
+                            Err(e) => self.note_l2(Some(&e)),
+                        }
+                    }
+                }
+            }
+        };
+        let loaded = match outcome {
+            Ok(Ok(loaded)) => loaded,
+            failed => {
+                bump(&self.counters.load_errors);
+                let error = match failed {
+                    Ok(Err(source)) => Error::Loader {
+                        key: key.to_string(),
+                        source: Arc::from(source),
+                    },
+                    _ => Error::LoadAborted {
+                        key: key.to_string(),
+                    },
+                };
+                // Release now (and wake the waiters, one of which loads again).
+                if let Some(lock) = guard.take() {
+                    let _ = self.store.unlock(&lock).await;
+                }
+                if let Some(fb) = fallback.filter(|f| f.usable(opts)) {
+                    self.serve_fail_safe(key, &fb, opts, token, &error).await;
+                    return Ok(fb.value);
+                }
+                return Err(error);
+            }
+        };
+        bump(&self.counters.loads);
+        let Loaded { value, ttl } = loaded;
+        if value.is_none() {
+            bump(&self.counters.not_found);
+        }
+        let (fresh, life) = match (&value, opts.negative_ttl) {
+            (Some(_), _) => {
+                let fresh = ttl.unwrap_or_else(|| opts.jittered_ttl());
+                (fresh, fresh + opts.swr.max(opts.fail_safe_max))
+            }
+            (None, Some(negative)) => {
+                let fresh = ttl.unwrap_or(negative);
+                (fresh, fresh)
+            }
+            (None, None) => {
+                if let Some(lock) = guard.take() {
+                    let _ = self.store.unlock(&lock).await;
+                }
+                return Ok(None);
+            }
+        };
+        let meta = EntryMeta {
+            write_version: 0,
+            fresh_for: fresh,
+            stale_for: life,
+        };
+        let encoded = match &value {
+            Some(v) => self.codec.encode(v, &meta),
+            None => self.codec.encode_absent(&meta),
+        };
+        let mut weight = 0;
+        let mut may_fill = true;
+        match encoded {
+            Ok(bytes) => {
+                weight = bytes.len();
+                if let Some(lock) = guard.take() {
+                    let done = self.store.complete_lock(&lock, &bytes, life).await;
+                    self.note_l2(done.as_ref().err());
+                    match done {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // The lock passed on: a newer write (whose value must win) or a
+                            // duplicate load. Do not put ours in L1 either.
+                            bump(&self.counters.duplicate_loads);
+                            may_fill = false;
+                        }
+                        Err(_) => {
+                            guard.lock = Some(lock);
+                        }
+                    }
+                }
+                // Without the lock (Redis was failing or skipped) nothing is written: a plain
+                // write could overwrite a newer value.
+            }
+            Err(e) => {
+                tracing::warn!(
+                    target: "tiered::l2",
+                    namespace = %self.namespace,
+                    error = %e,
+                    "loaded value not written to L2"
+                );
+            }
+        }
+        drop(guard);
+        if may_fill {
+            let entry = self.entry(value.clone(), weight, fresh, life, opts);
+            self.fill(key, entry, opts, token).await;
+        }
+        Ok(value)
+    }
+}

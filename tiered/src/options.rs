@@ -1,0 +1,229 @@
+//! [`EntryOptions`]: how long entries live and how loads behave, per call or as defaults.
+
+use std::time::Duration;
+
+/// The default bound on every call: see [`EntryOptions::hard_timeout`].
+pub const DEFAULT_HARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default fail-safe throttle: see [`EntryOptions::fail_safe_throttle`].
+pub const DEFAULT_FAIL_SAFE_THROTTLE: Duration = Duration::from_secs(30);
+
+/// Per-entry options: lifetimes, stale-while-revalidate, fail-safe, timeouts and tier skips.
+///
+/// Set defaults with [`TieredCacheBuilder::default_options`](crate::TieredCacheBuilder::default_options)
+/// and override per call with the `_with` methods.
+///
+/// A value's life, counted from its write:
+///
+/// ```text
+/// |---- fresh (ttl) ----|---- stale-while-revalidate ----|
+/// |---- fresh (ttl) ----|---------- fail-safe max ---------------|
+///                                                                 ^ gone from L1 and L2
+/// ```
+///
+/// ```
+/// use std::time::Duration;
+/// use tiered::EntryOptions;
+///
+/// let opts = EntryOptions::new(Duration::from_secs(300))
+///     .stale_while_revalidate(Duration::from_secs(60))
+///     .l1_time_to_live(Duration::from_secs(30))
+///     .fail_safe(Duration::from_secs(3600))
+///     .soft_timeout(Duration::from_millis(100));
+/// assert_eq!(opts.l2_time_to_live(), Duration::from_secs(300 + 3600));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryOptions {
+    pub(crate) ttl: Duration,
+    pub(crate) l1_ttl: Option<Duration>,
+    pub(crate) swr: Duration,
+    pub(crate) fail_safe_max: Duration,
+    pub(crate) fail_safe_throttle: Duration,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) hard_timeout: Duration,
+    pub(crate) jitter: Duration,
+    pub(crate) negative_ttl: Option<Duration>,
+    pub(crate) skip_l1: bool,
+    pub(crate) skip_l2: bool,
+}
+
+impl EntryOptions {
+    /// Values are fresh for `ttl` after their write; no stale window, no fail-safe, a hard
+    /// timeout of [`DEFAULT_HARD_TIMEOUT`], both tiers.
+    pub fn new(ttl: Duration) -> Self {
+        EntryOptions {
+            ttl,
+            l1_ttl: None,
+            swr: Duration::ZERO,
+            fail_safe_max: Duration::ZERO,
+            fail_safe_throttle: DEFAULT_FAIL_SAFE_THROTTLE,
+            soft_timeout: None,
+            hard_timeout: DEFAULT_HARD_TIMEOUT,
+            jitter: Duration::ZERO,
+            negative_ttl: None,
+            skip_l1: false,
+            skip_l2: false,
+        }
+    }
+
+    /// How long a value is fresh after its write. Set by [`EntryOptions::new`].
+    pub fn time_to_live(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The longest this node trusts its L1 copy without asking L2 again (it never exceeds the
+    /// value's freshness). Shorter than the TTL, it bounds how stale L1 can be when an
+    /// invalidation is lost. Default: the TTL.
+    pub fn l1_time_to_live(mut self, ttl: Duration) -> Self {
+        self.l1_ttl = Some(ttl);
+        self
+    }
+
+    /// After the TTL, for `window`, a read returns the stale value at once and one background
+    /// task per key per process refreshes it (the Redis lock keeps it to one across
+    /// processes). Default: zero (off).
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.swr = window;
+        self
+    }
+
+    /// Fail-safe: keep values for `max` after their TTL, and when a load fails (error, panic,
+    /// soft timeout) serve that old value instead of the error. Default: zero (off).
+    pub fn fail_safe(mut self, max: Duration) -> Self {
+        self.fail_safe_max = max;
+        self
+    }
+
+    /// After a fail-safe activation, serve the old value as if fresh for `throttle` before
+    /// trying the loader again, so a failing source is not hammered.
+    /// Default: [`DEFAULT_FAIL_SAFE_THROTTLE`].
+    pub fn fail_safe_throttle(mut self, throttle: Duration) -> Self {
+        self.fail_safe_throttle = throttle;
+        self
+    }
+
+    /// When a load runs longer than `timeout` and a fail-safe value exists, return that value
+    /// and let the load finish in the background (its result then lands in both tiers).
+    /// Without a fail-safe value the caller keeps waiting, up to the hard timeout.
+    /// Default: none.
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.soft_timeout = Some(timeout);
+        self
+    }
+
+    /// No call waits longer than `timeout` for a load (its own or one it joined); it then
+    /// returns a fail-safe value if one exists, else [`Error::WaitTimeout`](crate::Error::WaitTimeout).
+    /// The load itself goes on, up to the cache's maximum load time.
+    /// Default: [`DEFAULT_HARD_TIMEOUT`].
+    pub fn hard_timeout(mut self, timeout: Duration) -> Self {
+        self.hard_timeout = timeout;
+        self
+    }
+
+    /// Shortens each written value's TTL by a random amount up to `max` (never below half the
+    /// TTL), so values written together do not all expire together. Default: zero.
+    pub fn jitter(mut self, max: Duration) -> Self {
+        self.jitter = max;
+        self
+    }
+
+    /// Caches "not found" ([`Loaded::not_found`](crate::Loaded::not_found)) for `ttl`, in
+    /// both tiers. Default: not cached.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// Neither reads nor fills L1. Default: false.
+    pub fn skip_l1(mut self, skip: bool) -> Self {
+        self.skip_l1 = skip;
+        self
+    }
+
+    /// Neither reads nor writes L2, nor takes the Redis lock: loads are deduplicated in
+    /// process only. Default: false.
+    pub fn skip_l2(mut self, skip: bool) -> Self {
+        self.skip_l2 = skip;
+        self
+    }
+
+    /// How long a value written with these options lives in Redis: the TTL plus the longer of
+    /// the stale-while-revalidate window and the fail-safe maximum.
+    pub fn l2_time_to_live(&self) -> Duration {
+        self.ttl + self.swr.max(self.fail_safe_max)
+    }
+
+    /// The TTL with jitter applied: in `[ttl - jitter, ttl]`, never below half the TTL.
+    pub(crate) fn jittered_ttl(&self) -> Duration {
+        let cut = self.jitter.min(self.ttl / 2);
+        if cut.is_zero() {
+            return self.ttl;
+        }
+        let nanos = u64::try_from(cut.as_nanos()).unwrap_or(u64::MAX);
+        self.ttl - Duration::from_nanos(fastrand::u64(0..=nanos))
+    }
+
+    /// Checks the options make sense; names the field that does not.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.ttl < Duration::from_millis(1) {
+            return Err("ttl must be at least 1 ms".into());
+        }
+        if self.hard_timeout.is_zero() {
+            return Err("hard_timeout must be above zero".into());
+        }
+        if self.l1_ttl.is_some_and(|t| t.is_zero()) {
+            return Err("l1_time_to_live must be above zero".into());
+        }
+        if self
+            .negative_ttl
+            .is_some_and(|t| t < Duration::from_millis(1))
+        {
+            return Err("negative_ttl must be at least 1 ms".into());
+        }
+        if self.soft_timeout.is_some_and(|s| s >= self.hard_timeout) {
+            return Err("soft_timeout must be shorter than hard_timeout".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l2_life_covers_the_longer_stale_window() {
+        let o = EntryOptions::new(Duration::from_secs(10));
+        assert_eq!(o.l2_time_to_live(), Duration::from_secs(10));
+        let o = o.stale_while_revalidate(Duration::from_secs(5));
+        assert_eq!(o.l2_time_to_live(), Duration::from_secs(15));
+        let o = o.fail_safe(Duration::from_secs(60));
+        assert_eq!(o.l2_time_to_live(), Duration::from_secs(70));
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let o = EntryOptions::new(Duration::from_secs(10)).jitter(Duration::from_secs(30));
+        for _ in 0..1000 {
+            let t = o.jittered_ttl();
+            assert!(
+                t >= Duration::from_secs(5) && t <= Duration::from_secs(10),
+                "{t:?}"
+            );
+        }
+        let o = EntryOptions::new(Duration::from_secs(10));
+        assert_eq!(o.jittered_ttl(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let e = EntryOptions::new(Duration::ZERO).validate().unwrap_err();
+        assert!(e.contains("ttl"), "{e}");
+        let e = EntryOptions::new(Duration::from_secs(1))
+            .soft_timeout(Duration::from_secs(20))
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("soft_timeout"), "{e}");
+        assert!(EntryOptions::new(Duration::from_secs(1)).validate().is_ok());
+    }
+}

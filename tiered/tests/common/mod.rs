@@ -1,0 +1,98 @@
+//! Helpers shared by the tiered integration tests.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use testkit::RedisServer;
+use tiered::{EntryOptions, TieredCache, TieredCacheBuilder};
+
+/// Generous bound for a wait on something that should happen soon.
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// A builder for a node (its own connections and L1) on `server`.
+pub fn builder(server: &RedisServer, namespace: &str) -> TieredCacheBuilder<String> {
+    TieredCache::builder()
+        .namespace(namespace)
+        .redis_url(server.url())
+        .default_options(EntryOptions::new(Duration::from_secs(60)))
+}
+
+/// A node with the defaults.
+pub async fn node(server: &RedisServer, namespace: &str) -> TieredCache<String> {
+    builder(server, namespace).build().await.unwrap()
+}
+
+/// Counts loader runs.
+#[derive(Clone, Default)]
+pub struct Loads(Arc<AtomicUsize>);
+
+impl Loads {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// A loader that counts itself, waits `delay` and returns `value`.
+    pub fn returning(
+        &self,
+        value: &str,
+        delay: Duration,
+    ) -> impl FnOnce() -> std::pin::Pin<
+        Box<dyn Future<Output = Result<String, std::io::Error>> + Send>,
+    > + Send
+    + 'static {
+        let loads = self.0.clone();
+        let value = value.to_string();
+        move || {
+            Box::pin(async move {
+                loads.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                Ok(value)
+            })
+        }
+    }
+
+    /// A loader that counts itself and fails.
+    pub fn failing(
+        &self,
+    ) -> impl FnOnce() -> std::pin::Pin<
+        Box<dyn Future<Output = Result<String, std::io::Error>> + Send>,
+    > + Send
+    + 'static {
+        let loads = self.0.clone();
+        move || {
+            Box::pin(async move {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Err(std::io::Error::other("database down"))
+            })
+        }
+    }
+}
+
+/// Polls `check` every 10 ms until it holds, for at most `within`; panics with `what`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The number of calls of `command` the server has run so far (INFO commandstats).
+pub fn calls(server: &RedisServer, command: &str) -> u64 {
+    let info = server.command(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
