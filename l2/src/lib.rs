@@ -94,5 +94,14 @@ mod tests {
         is_send(&store.unlock(&lock));
         is_send(&store.extend_lock(&lock, ttl));
         is_send(&store.set_if_locked(&lock, &codec, &value, &meta));
+        is_send(&store.lookup(&key, &codec));
+        is_send(&store.lookup_many(&[], &codec));
+        is_send(&store.overwrite(&key, &[], ttl));
+        is_send(&store.remove(&key));
+        is_send(&store.complete_lock(&lock, &[], ttl));
+        is_send(&store.try_lock_many(&[], ttl));
+        is_send(&store.complete_locks(&[], ttl));
+        is_send(&store.unlock_many(&[]));
+        is_send(&Subscriber::connect(store.connection()));
     }
 }

@@ -703,7 +703,9 @@ where
         token: &FlightToken<Option<V>>,
         why: &(dyn fmt::Display + Sync),
     ) {
-        if token.answer(Ok(fallback.value.clone())) {
+        // Only this flight's body answers from here on, so check-then-answer is not racy;
+        // count before answering, so a caller that returns sees the count.
+        if !token.is_answered() {
             bump(&self.counters.fail_safe);
             tracing::warn!(
                 target: "tiered::fail_safe",
@@ -711,6 +713,7 @@ where
                 reason = %why,
                 "serving a stale value: the load failed or is late"
             );
+            token.answer(Ok(fallback.value.clone()));
         }
         if !fallback.fresh {
             let throttle = opts.fail_safe_throttle;
@@ -737,8 +740,11 @@ where
             if let Some(loader) = loader {
                 let inner = Arc::clone(self);
                 let key_arc: Arc<str> = key.into();
+                let stale = fb.value.clone();
                 let started = self.loads.start(key, move |token| {
-                    inner.guarded(token.clone(), key_arc, opts, Some(loader), candidate)
+                    // Callers that join the refresh get the stale value at once too.
+                    token.answer(Ok(stale));
+                    inner.guarded(token, key_arc, opts, Some(loader), candidate)
                 });
                 if started {
                     bump(&self.counters.refreshes);
@@ -824,9 +830,10 @@ where
                 L2Read::Stale(f) => {
                     let entry = self.entry_from_l2(&f, &opts);
                     let fb = Fallback::from_l1(&entry);
-                    if fb.in_swr && loader.is_some() && token.answer(Ok(fb.value.clone())) {
+                    if fb.in_swr && loader.is_some() && !token.is_answered() {
                         bump(&self.counters.stale_served);
                         bump(&self.counters.refreshes);
+                        token.answer(Ok(fb.value.clone()));
                         self.fill(&key, entry, &opts, &token).await;
                     }
                     fallback = Some(fb);

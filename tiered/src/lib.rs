@@ -49,6 +49,31 @@ pub use l1;
 pub use l2;
 pub use options::{DEFAULT_FAIL_SAFE_THROTTLE, DEFAULT_HARD_TIMEOUT, EntryOptions};
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compile-time check: every public future is `Send`, so the cache works from
+    /// `tokio::spawn` and multi-threaded servers.
+    #[allow(dead_code)]
+    fn futures_are_send(cache: TieredCache<String>) {
+        fn is_send<T: Send>(_: &T) {}
+        let opts = EntryOptions::new(std::time::Duration::from_secs(1));
+        let load = || async { Ok::<_, std::io::Error>(String::new()) };
+        is_send(&TieredCache::<String>::builder().build());
+        is_send(&cache.get_or_set("k", load));
+        is_send(&cache.get_or_set_with("k", opts, load));
+        is_send(&cache.get("k"));
+        is_send(&cache.get_with("k", opts));
+        is_send(&cache.set("k", &String::new()));
+        is_send(&cache.set_with("k", &String::new(), opts));
+        is_send(&cache.invalidate("k"));
+        is_send(&cache.get_or_set_many(&["a"], |_keys: Vec<String>| async {
+            Ok::<_, std::io::Error>(Vec::<(String, String)>::new())
+        }));
+    }
+}
+
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;

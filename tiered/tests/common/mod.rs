@@ -1,5 +1,5 @@
 //! Helpers shared by the tiered integration tests.
-#![allow(dead_code)] // each test binary uses a different part
+#![allow(dead_code, unreachable_pub)] // each test binary uses a different part
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
