@@ -101,12 +101,13 @@ async fn resolve_many<V, F, Fut, I, E>(
             (c, rkey)
         })
         .collect();
-    let l2_usable = !opts.skip_l2 && inner.breaker.allow();
+    let mut l2_usable = !opts.skip_l2 && inner.breaker.allow();
     let mut locks: Vec<Option<Lock>> = Vec::new();
     if l2_usable {
         let rkeys: Vec<Key> = claims.iter().map(|(_, k)| k.clone()).collect();
         let read = inner.store.lookup_many(&rkeys, &inner.codec).await;
         inner.note_l2(read.as_ref().err());
+        l2_usable = read.is_ok();
         if let Ok(found) = read {
             let mut missing = Vec::with_capacity(claims.len());
             for ((claim, rkey), fetched) in claims.into_iter().zip(found) {
@@ -126,6 +127,8 @@ async fn resolve_many<V, F, Fut, I, E>(
         if claims.is_empty() {
             return;
         }
+    }
+    if l2_usable {
         let rkeys: Vec<Key> = claims.iter().map(|(_, k)| k.clone()).collect();
         let locked = inner.store.try_lock_many(&rkeys, inner.lock_ttl).await;
         inner.note_l2(locked.as_ref().err());

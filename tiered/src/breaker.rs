@@ -35,6 +35,9 @@ pub(crate) struct Breaker {
     threshold: u32,
     cooldown: Duration,
     tripped: AtomicBool,
+    // Whether the state is anything but "closed, no failures": lets `success` skip the mutex
+    // on the hot path.
+    dirty: AtomicBool,
     state: Mutex<State>,
     opened: AtomicU64,
 }
@@ -45,6 +48,7 @@ impl Breaker {
             threshold: threshold.max(1),
             cooldown,
             tripped: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
             state: Mutex::new(State::Closed { failures: 0 }),
             opened: AtomicU64::new(0),
         }
@@ -76,6 +80,9 @@ impl Breaker {
     }
 
     pub(crate) fn success(&self) {
+        if !self.dirty.load(Ordering::Acquire) {
+            return;
+        }
         let mut state = self.state();
         if !matches!(*state, State::Closed { failures: 0 }) {
             if self.tripped.load(Ordering::Relaxed) {
@@ -84,11 +91,13 @@ impl Breaker {
             *state = State::Closed { failures: 0 };
             self.tripped.store(false, Ordering::Relaxed);
         }
+        self.dirty.store(false, Ordering::Release);
     }
 
     pub(crate) fn failure(&self) {
         let now = Instant::now();
         let mut state = self.state();
+        self.dirty.store(true, Ordering::Release);
         let open = match *state {
             State::Closed { failures } if failures + 1 >= self.threshold => true,
             State::Closed { failures } => {

@@ -484,3 +484,29 @@ async fn single_gets_join_a_batch_load_in_flight() {
     assert_eq!(loads.count(), 0);
     assert_eq!(batch.await.unwrap().unwrap().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_time_to_live_bounds_how_long_a_node_trusts_its_copy() {
+    let server = RedisServer::start();
+    let opts =
+        EntryOptions::new(Duration::from_secs(60)).l1_time_to_live(Duration::from_millis(200));
+    let a = builder(&server, "l1ttl")
+        .default_options(opts)
+        .build()
+        .await
+        .unwrap();
+    let b = builder(&server, "l1ttl")
+        .default_options(opts)
+        .build()
+        .await
+        .unwrap();
+    a.set("k", &"v1".to_string()).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    a.set("k", &"v2".to_string()).await.unwrap();
+    // Without an invalidation bus, b keeps v1 only until its L1 time to live.
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v2"));
+    let s = b.stats();
+    assert_eq!((s.l1_hits, s.l2_hits), (1, 2), "{s:?}");
+}
