@@ -1,6 +1,8 @@
-//! The main job: two cache nodes share one Redis. Each has its own L1 (moka) and its own
-//! connection; a typed value written by one is read by the other through L2, then served from
-//! its L1; corrupt bytes in Redis are a typed error that evicts the entry.
+//! The main job: two cache nodes share one Redis in front of a slow "database". Each node is a
+//! `TieredCache` with its own L1 (moka) and its own Redis connections. The demo shows one
+//! database load for 400 concurrent callers on two nodes, L1 and L2 hits, a write seen by the
+//! other node, stale-while-revalidate, fail-safe while the database is down, and foreign bytes
+//! in Redis handled as a counted miss.
 //!
 //! Uses `REDIS_URL` when set; otherwise starts a private redis-server on a free port.
 //!
@@ -10,11 +12,12 @@
 //! ```
 
 use std::error::Error as StdError;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use l1::{Entry, LocalCache};
-use l2::{Codec, Connection, EntryMeta, Key, KeySpace, RedisStore, TypeTag};
 use serde::{Deserialize, Serialize};
+use tiered::{EntryOptions, TieredCache};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
@@ -24,72 +27,34 @@ struct User {
     roles: Vec<String>,
 }
 
-const USER: TypeTag = TypeTag::from_name("demo.User/v1");
 const NAMESPACE: &str = "demo-users";
+const DB_LATENCY: Duration = Duration::from_millis(50);
 const L1_TTL: Duration = Duration::from_millis(500);
 
-/// One service node: its own L1 and its own Redis connection.
-struct Node {
-    name: &'static str,
-    l1: LocalCache<User>,
-    l2: RedisStore,
-    codec: Codec<User>,
+/// A slow database that counts its queries and can be switched off.
+#[derive(Debug, Default)]
+struct Db {
+    queries: AtomicU64,
+    version: AtomicU64,
+    down: AtomicBool,
 }
 
-/// Where a read was answered.
-#[derive(Debug, PartialEq)]
-enum Tier {
-    L1,
-    L2,
-    Miss,
-}
-
-impl Node {
-    async fn connect(name: &'static str, url: &str) -> l2::Result<Node> {
-        Ok(Node {
-            name,
-            l1: LocalCache::builder().max_bytes(8 << 20).build(),
-            l2: RedisStore::new(Connection::connect(url).await?),
-            codec: Codec::new(USER),
-        })
-    }
-
-    async fn write(&self, key: &Key, user: &User, version: u64) -> l2::Result<()> {
-        let meta = EntryMeta::new(Duration::from_secs(60)).write_version(version);
-        let size = self.l2.set(key, &self.codec, user, &meta).await?;
-        let entry = Entry::new(NAMESPACE, user.clone())
-            .weight(size)
-            .version(version)
-            .time_to_live(L1_TTL);
-        self.l1.insert(key.as_arc().clone(), entry).await;
-        Ok(())
-    }
-
-    async fn read(&self, key: &Key) -> l2::Result<(Option<User>, Tier)> {
-        if let Some(hit) = self.l1.get(key.as_str()).await {
-            return Ok((Some(hit.value().clone()), Tier::L1));
+impl Db {
+    async fn load_user(&self, id: u64) -> Result<User, std::io::Error> {
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(DB_LATENCY).await;
+        if self.down.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("database unreachable"));
         }
-        match self.l2.get(key, &self.codec).await? {
-            Some(found) => {
-                // An L1 copy never outlives the L2 entry's freshness.
-                let ttl = found.fresh_remaining().min(L1_TTL);
-                let entry = Entry::new(NAMESPACE, found.value.clone())
-                    .weight(found.size)
-                    .version(found.meta.write_version)
-                    .time_to_live(ttl);
-                self.l1.insert(key.as_arc().clone(), entry).await;
-                Ok((Some(found.value), Tier::L2))
-            }
-            None => Ok((None, Tier::Miss)),
-        }
+        Ok(user(id, self.version.load(Ordering::SeqCst)))
     }
 }
 
-fn user(version: u64) -> User {
+fn user(id: u64, version: u64) -> User {
     User {
-        id: 42,
-        name: format!("Alice (v{version})"),
-        email: "alice@example.com".into(),
+        id,
+        name: format!("user {id}, v{version}"),
+        email: format!("user{id}@example.com"),
         roles: vec!["admin".into(), "billing".into()],
     }
 }
@@ -97,6 +62,26 @@ fn user(version: u64) -> User {
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
+}
+
+async fn node(url: &str, options: EntryOptions) -> tiered::Result<TieredCache<User>> {
+    TieredCache::builder()
+        .namespace(NAMESPACE)
+        .redis_url(url)
+        .l1_max_bytes(8 << 20)
+        .default_options(options)
+        .build()
+        .await
+}
+
+fn loader(
+    db: &Arc<Db>,
+    id: u64,
+) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<User, std::io::Error>> + Send>>
++ Send
++ 'static {
+    let db = Arc::clone(db);
+    move || Box::pin(async move { db.load_user(id).await })
 }
 
 async fn run() -> Result<(), Box<dyn StdError>> {
@@ -114,90 +99,170 @@ async fn run() -> Result<(), Box<dyn StdError>> {
             (server.url(), Some(server))
         }
     };
-
-    let a = Node::connect("node-a", &url).await?;
-    let b = Node::connect("node-b", &url).await?;
-    let key = KeySpace::new(NAMESPACE).key("42");
-    a.l2.delete(&key).await?;
-
-    println!("\n1. {} writes user 42 (v1) to L2 and its own L1.", a.name);
-    a.write(&key, &user(1), 1).await?;
-
-    let (got, tier) = b.read(&key).await?;
-    println!(
-        "2. {} reads it: {:?} from {tier:?}.",
-        b.name,
-        got.map(|u| u.name)
-    );
-    let (got, tier) = b.read(&key).await?;
-    println!(
-        "3. {} reads again: {:?} from {tier:?}.",
-        b.name,
-        got.map(|u| u.name)
-    );
+    let options = EntryOptions::new(Duration::from_secs(2))
+        .l1_time_to_live(L1_TTL)
+        .stale_while_revalidate(Duration::from_secs(30))
+        .fail_safe(Duration::from_secs(300))
+        .fail_safe_throttle(Duration::from_secs(1));
+    let a = node(&url, options).await?;
+    let b = node(&url, options).await?;
+    for key in ["42", "7", "9"] {
+        a.invalidate(key).await?;
+    }
+    let db = Arc::new(Db::default());
 
     println!(
-        "\n4. {} writes v2. Until the invalidation bus lands, {}'s L1 copy",
-        a.name, b.name
+        "\n1. 200 callers on node A and 200 on node B ask for cold user 42 at once \
+         (the database takes {DB_LATENCY:?}):"
     );
-    println!("   lives at most its L1 TTL ({L1_TTL:?}), then L2 answers with v2.");
-    a.write(&key, &user(2), 2).await?;
-    let (got, tier) = b.read(&key).await?;
-    println!("   right away: {:?} from {tier:?}", got.map(|u| u.name));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let cache = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let load = loader(&db, 42);
+        tasks.push(tokio::spawn(
+            async move { cache.get_or_set("42", load).await },
+        ));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    println!(
+        "   all 400 answered in {:?}; database queries: {}",
+        start.elapsed(),
+        db.queries.load(Ordering::SeqCst)
+    );
+
+    let got = b.get_or_set("42", loader(&db, 42)).await?;
+    println!("2. node B reads again: {} (from its L1)", got.name);
+
+    println!(
+        "\n3. The database changes and node A writes v1. Until the invalidation bus lands, node B"
+    );
+    println!("   trusts its L1 copy at most its L1 TTL ({L1_TTL:?}), then reads L2:");
+    db.version.store(1, Ordering::SeqCst);
+    a.set("42", &db.load_user(42).await?).await?;
+    let got = b.get_or_set("42", loader(&db, 42)).await?;
+    println!("   right away:        {}", got.name);
     tokio::time::sleep(L1_TTL + Duration::from_millis(50)).await;
-    let (got, tier) = b.read(&key).await?;
+    let got = b.get_or_set("42", loader(&db, 42)).await?;
+    println!("   after the L1 TTL:  {}", got.name);
+
+    println!("\n4. User 42's TTL (2 s) passes; inside the stale-while-revalidate window:");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    db.version.store(2, Ordering::SeqCst);
+    let before = db.queries.load(Ordering::SeqCst);
+    let t = Instant::now();
+    let got = b.get_or_set("42", loader(&db, 42)).await?;
     println!(
-        "   after the L1 TTL: {:?} from {tier:?}",
-        got.map(|u| u.name)
+        "   node B answers at once with the stale value ({}, in {:?}) and refreshes in the background",
+        got.name,
+        t.elapsed()
+    );
+    tokio::time::sleep(DB_LATENCY * 3).await;
+    let got = b.get_or_set("42", loader(&db, 42)).await?;
+    println!(
+        "   a moment later: {} ({} database query for the refresh)",
+        got.name,
+        db.queries.load(Ordering::SeqCst) - before
     );
 
-    println!("\n5. Latency on {} (medians):", b.name);
+    println!(
+        "\n5. The database goes down after user 7 was cached and went stale (this call allows no"
+    );
+    println!("   stale-while-revalidate, so only fail-safe can answer):");
+    a.get_or_set("7", loader(&db, 7)).await?;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    db.down.store(true, Ordering::SeqCst);
+    let stale_options = options.stale_while_revalidate(Duration::ZERO);
+    match a.get_or_set_with("7", stale_options, loader(&db, 7)).await {
+        Ok(u) => println!("   fail-safe serves the last value: {}", u.name),
+        Err(e) => println!("   error: {e}"),
+    }
+    match a.get_or_set("404", loader(&db, 404)).await {
+        Ok(u) => println!("   unexpected value: {u:?}"),
+        Err(e) => println!(
+            "   a user never cached gets the error: {e} ({})",
+            e.source().map(|s| s.to_string()).unwrap_or_default()
+        ),
+    }
+    db.down.store(false, Ordering::SeqCst);
+
+    println!("\n6. Latency on node B for a fresh user 9 (medians of many reads):");
+    a.set("9", &user(9, 0)).await?;
+    b.get_or_set("9", loader(&db, 9)).await?;
     let mut l1_samples = Vec::with_capacity(20_000);
     for _ in 0..20_000 {
         let t = Instant::now();
-        let hit = b.l1.get(key.as_str()).await;
+        let hit = b.get_or_set("9", loader(&db, 9)).await?;
         l1_samples.push(t.elapsed());
         std::hint::black_box(hit);
     }
+    let l2_only = options.skip_l1(true);
     let mut l2_samples = Vec::with_capacity(1_000);
     for _ in 0..1_000 {
         let t = Instant::now();
-        let hit = b.l2.get(&key, &b.codec).await?;
+        let hit = b.get_with("9", l2_only).await?;
         l2_samples.push(t.elapsed());
         std::hint::black_box(hit);
     }
     println!(
-        "   L1 hit: {:?}   L2 hit (one round trip + decode): {:?}",
+        "   L1 hit: {:?}   L2 hit (one round trip + checks + decode): {:?}",
         median(l1_samples),
         median(l2_samples)
     );
 
-    println!(
-        "\n6. Someone writes foreign bytes under the key; {} reads through L2:",
-        b.name
-    );
-    a.l2.set_bytes(&key, b"{\"not\":\"ours\"}", Duration::from_secs(60))
+    println!("\n7. Someone writes foreign bytes under user 9's key in Redis:");
+    let key = l2::KeySpace::new(NAMESPACE).key("9");
+    a.store()
+        .set_bytes(&key, b"{\"not\":\"ours\"}", Duration::from_secs(60))
         .await?;
-    b.l1.invalidate(key.as_str()).await;
-    match b.read(&key).await {
-        Err(e) => println!(
-            "   typed error: {e} ({})",
-            e.source().map(|s| s.to_string()).unwrap_or_default()
-        ),
-        Ok(other) => println!("   unexpected: {other:?}"),
-    }
-    let (got, tier) = b.read(&key).await?;
-    println!("   the entry was evicted; next read: {got:?} ({tier:?})");
-
-    let s = b.l2.stats();
+    let before = db.queries.load(Ordering::SeqCst);
+    let got = b.get_or_set_with("9", l2_only, loader(&db, 9)).await?;
     println!(
-        "\n{} L2 counters: hits {}, misses {}, decode errors {}, corrupt evicted {}, timeouts {}",
-        b.name, s.hits, s.misses, s.decode_errors, s.evicted_corrupt, s.timeouts
+        "   node B treats them as a miss, evicts them and reloads: {} ({} database query)",
+        got.name,
+        db.queries.load(Ordering::SeqCst) - before
+    );
+
+    println!("\nCounters:");
+    println!(
+        "   {:<6} {:>8} {:>8} {:>7} {:>6} {:>6} {:>10} {:>9} {:>10} {:>13}",
+        "node",
+        "L1 hits",
+        "L2 hits",
+        "misses",
+        "loads",
+        "stale",
+        "fail-safe",
+        "lock wait",
+        "hit ratio",
+        "L2 bad bytes"
+    );
+    for (name, cache) in [("A", &a), ("B", &b)] {
+        let s = cache.stats();
+        println!(
+            "   {:<6} {:>8} {:>8} {:>7} {:>6} {:>6} {:>10} {:>9} {:>9.1}% {:>13}",
+            name,
+            s.l1_hits,
+            s.l2_hits,
+            s.misses,
+            s.loads,
+            s.stale_served,
+            s.fail_safe,
+            s.lock_waits,
+            s.hit_ratio() * 100.0,
+            s.l2.decode_errors
+        );
+    }
+    println!(
+        "   database queries in all: {}",
+        db.queries.load(Ordering::SeqCst)
     );
     Ok(())
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if let Err(e) = run().await {
         eprint!("demo: {e}");

@@ -81,7 +81,6 @@ impl<V> From<V> for Loaded<V> {
 pub(crate) struct Held<V> {
     pub(crate) value: Option<V>,
     fresh_until: Instant,
-    swr_until: Instant,
 }
 
 pub(crate) type L1Entry<V> = Arc<Entry<Held<V>>>;
@@ -94,13 +93,15 @@ struct Fallback<V> {
 }
 
 impl<V: Clone> Fallback<V> {
-    fn from_l1(entry: &Entry<Held<V>>) -> Self {
+    /// The stale-while-revalidate window is the caller's (`opts`), counted from the end of
+    /// the value's freshness.
+    fn from_l1(entry: &Entry<Held<V>>, opts: &EntryOptions) -> Self {
         let now = Instant::now();
         let held = entry.value();
         Fallback {
             value: held.value.clone(),
             fresh: now < held.fresh_until,
-            in_swr: now < held.swr_until,
+            in_swr: now < held.fresh_until + opts.swr,
         }
     }
 
@@ -619,7 +620,6 @@ where
         let held = Held {
             value,
             fresh_until: now + fresh,
-            swr_until: now + fresh + opts.swr,
         };
         Entry::new(Arc::clone(&self.namespace), held)
             .weight(weight)
@@ -635,12 +635,10 @@ where
     ) -> Entry<Held<V>> {
         let now = Instant::now();
         let fresh = f.fresh_remaining();
-        let swr = (f.meta.fresh_for + opts.swr).saturating_sub(f.age());
         let life = f.remaining.unwrap_or(f.meta.stale_for);
         let held = Held {
             value: f.value.clone(),
             fresh_until: now + fresh,
-            swr_until: now + swr,
         };
         Entry::new(Arc::clone(&self.namespace), held)
             .weight(f.size)
@@ -730,7 +728,7 @@ where
         loader: Option<Loader<V>>,
         candidate: Option<L1Entry<V>>,
     ) -> Result<Option<V>> {
-        let fallback = candidate.as_deref().map(Fallback::from_l1);
+        let fallback = candidate.as_deref().map(|e| Fallback::from_l1(e, &opts));
         if let Some(fb) = &fallback
             && !fb.fresh
             && fb.in_swr
@@ -816,7 +814,7 @@ where
         token: FlightToken<Option<V>>,
     ) -> Result<Option<V>> {
         let rkey = self.space.key(&key);
-        let mut fallback = candidate.as_deref().map(Fallback::from_l1);
+        let mut fallback = candidate.as_deref().map(|e| Fallback::from_l1(e, &opts));
         let mut l2_usable = !opts.skip_l2 && self.breaker.allow();
         let mut l2_error = None;
         if l2_usable {
@@ -829,7 +827,7 @@ where
                 }
                 L2Read::Stale(f) => {
                     let entry = self.entry_from_l2(&f, &opts);
-                    let fb = Fallback::from_l1(&entry);
+                    let fb = Fallback::from_l1(&entry, &opts);
                     if fb.in_swr && loader.is_some() && !token.is_answered() {
                         bump(&self.counters.stale_served);
                         bump(&self.counters.refreshes);
@@ -909,7 +907,8 @@ where
                             return Ok(f.value);
                         }
                         L2Read::Stale(f) if fallback.is_none() => {
-                            fallback = Some(Fallback::from_l1(&self.entry_from_l2(&f, opts)));
+                            let entry = self.entry_from_l2(&f, opts);
+                            fallback = Some(Fallback::from_l1(&entry, opts));
                         }
                         _ => {}
                     }

@@ -1,36 +1,84 @@
-//! A two-level cache for Rust services: an in-process L1 ([`l1`], on moka) in front of a shared
-//! L2 ([`l2`], on Redis), kept coherent across nodes by the [`invalidation`] bus.
+//! A two-level cache for Rust services: [`TieredCache`], an in-process L1 ([`l1`], on moka) in
+//! front of a shared L2 ([`l2`], on Redis).
 //!
-//! This crate is the one applications depend on. Today it re-exports the two tiers; the
-//! composed `TieredCache` (get-or-load with single-flight, cross-process lock dedup,
-//! stale-while-revalidate, fail-safe) is built on them next.
+//! This is the crate applications depend on. A read is answered by the first tier that has a
+//! fresh value; a miss runs your loader once per key however many callers (single-flight in
+//! the process) and processes (a Redis lock per key) ask at once. Inside the
+//! stale-while-revalidate window the stale value comes back at once while one task refreshes
+//! it; when the loader fails, fail-safe serves the last value instead of the error; when Redis
+//! is slow or down, L1 hits are unaffected, misses go to the loader within bounded timeouts, and
+//! a circuit breaker stops paying a timeout per call.
 //!
 //! What it is not for: a general Redis client, or a store of record: everything here may be
 //! evicted at any time and reloaded from the source.
 //!
 //! ```no_run
-//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn f() -> tiered::Result<()> {
 //! use std::time::Duration;
-//! use tiered::{l1, l2};
+//! use tiered::{EntryOptions, Loaded, TieredCache};
 //!
-//! let store = l2::RedisStore::new(l2::Connection::connect("redis://127.0.0.1:6379").await?);
-//! let codec = l2::Codec::<String>::new(l2::TypeTag::from_name("greeting/v1"));
-//! let local: l1::LocalCache<String> = l1::LocalCache::builder().max_bytes(16 << 20).build();
-//! let key = l2::KeySpace::new("greetings").key("en");
-//! store.set(&key, &codec, &"hello".into(), &l2::EntryMeta::new(Duration::from_secs(60))).await?;
-//! if let Some(hit) = store.get(&key, &codec).await? {
-//!     let ttl = hit.fresh_remaining();
-//!     let entry = l1::Entry::new("greetings", hit.value)
-//!         .weight(hit.size)
-//!         .time_to_live(ttl);
-//!     local.insert(key.as_arc().clone(), entry).await;
-//! }
-//! # Ok(()) }
+//! #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+//! struct User { id: u64, name: String }
+//!
+//! let users: TieredCache<User> = TieredCache::builder()
+//!     .namespace("users")
+//!     .redis_url("redis://127.0.0.1:6379")
+//!     .l1_max_bytes(64 << 20)
+//!     .default_options(
+//!         EntryOptions::new(Duration::from_secs(300))
+//!             .stale_while_revalidate(Duration::from_secs(60))
+//!             .fail_safe(Duration::from_secs(3600))
+//!             .l1_time_to_live(Duration::from_secs(30)),
+//!     )
+//!     .build()
+//!     .await?;
+//!
+//! // Loaders are `'static`: move an `Arc` of your pool in. Any error type converts.
+//! let user = users
+//!     .get_or_set("42", || async { Ok::<_, std::io::Error>(User { id: 42, name: "Ada".into() }) })
+//!     .await?;
+//! users.set("42", &User { name: "Ada L.".into(), ..user }).await?;
+//! let maybe = users.get("42").await?;
+//! users.invalidate("42").await?;
+//!
+//! // A loader can say "not found" (cached if a negative TTL is set) or pick the TTL.
+//! let err = users
+//!     .get_or_set("404", || async { Ok::<_, std::io::Error>(Loaded::not_found()) })
+//!     .await
+//!     .unwrap_err();
+//! assert!(err.is_not_found());
+//!
+//! // Batches: L1, then one Redis round trip, then one loader call for what is missing.
+//! let many = users
+//!     .get_or_set_many(&["1", "2", "3"], |missing: Vec<String>| async move {
+//!         Ok::<_, std::io::Error>(missing.into_iter().map(|k| {
+//!             let user = User { id: k.parse().unwrap_or(0), name: format!("user {k}") };
+//!             (k, user)
+//!         }))
+//!     })
+//!     .await?;
+//! # let _ = (maybe, many); Ok(()) }
 //! ```
 //!
 //! # Consistency
-//! See each tier: an L1 entry lives until its own deadline, which a caller filling it from L2
-//! must keep within the L2 entry's remaining life ([`l2::Fetched::fresh_remaining`]).
+//! What a reader can observe, and when:
+//!
+//! - **On the node that wrote.** After [`TieredCache::set`] or [`TieredCache::invalidate`]
+//!   returns, this node reads the new state: loads of the key that started earlier are
+//!   detached (their results reach neither L1 nor, through the lock, L2), and later callers
+//!   never join them.
+//! - **On other nodes.** Until the invalidation bus lands, another node may serve its L1 copy
+//!   for up to [`EntryOptions::l1_time_to_live`] (default: the TTL) after a write; then it reads
+//!   L2 again. An L1 copy never outlives the L2 entry it was read from.
+//! - **In L2.** A load writes its result only while it holds the key's lock; a write or delete
+//!   breaks the lock, so a load that started before a write never overwrites it.
+//! - **Stale values** are served only inside the windows the options allow: stale-while-
+//!   revalidate (a refresh is then running) and fail-safe (the load failed or is late).
+//! - **Cross-process dedup is best effort** (an efficiency lock, in Kleppmann's sense): a holder
+//!   paused past its lock's TTL, or a Redis restart, can cost a duplicate load; it is counted
+//!   ([`CacheStats::duplicate_loads`]) and never corrupts anything.
+//! - **Redis unavailable**: L1 hits are served as usual; misses call the loader, deduplicated
+//!   in this process only, and nothing is written to L2.
 
 mod batch;
 mod breaker;
