@@ -1,6 +1,8 @@
 //! Tier benches, each beside its raw baseline in the same run:
-//! - `l1_hit`: `l1::LocalCache::get` vs a bare `moka::future::Cache::get` of the same value.
-//! - `l2_hit`: `l2::RedisStore::get` (one round trip + envelope checks + decode) vs a bare
+//! - `l1_hit`: `TieredCache::get_or_set` answered by L1 (`tiered`) and `l1::LocalCache::get`
+//!   (`ours`) vs a bare `moka::future::Cache::get` of the same value.
+//! - `l2_hit`: `TieredCache::get_with` with L1 skipped (`tiered`: single-flighted L2 read) and
+//!   `l2::RedisStore::get` (`ours`: one round trip + envelope checks + decode) vs a bare
 //!   redis-rs `GET` of the same bytes plus `rmp_serde` decode.
 //!
 //! `cargo bench -p benches --bench tiers`
@@ -57,8 +59,32 @@ fn l1_hit(c: &mut Criterion) {
             bare.insert(k.clone(), Arc::new(profile())).await;
         }
     });
+    let server = testkit::RedisServer::start();
+    let tiered = rt.block_on(async {
+        let cache: tiered::TieredCache<Arc<Profile>> = tiered::TieredCache::builder()
+            .namespace("profiles")
+            .redis_url(server.url())
+            .default_options(tiered::EntryOptions::new(Duration::from_secs(3600)))
+            .build()
+            .await
+            .unwrap();
+        cache.set(&keys[4242], &Arc::new(profile())).await.unwrap();
+        cache
+    });
     let key = keys[4242].as_str();
     let mut g = c.benchmark_group("l1_hit");
+    g.bench_function("tiered", |b| {
+        b.to_async(&rt).iter(|| async {
+            black_box(
+                tiered
+                    .get_or_set(black_box(key), || async {
+                        Err::<Arc<Profile>, _>(std::io::Error::other("not called"))
+                    })
+                    .await
+                    .unwrap(),
+            )
+        })
+    });
     g.bench_function("ours", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(ours.get(black_box(key)).await) })
@@ -97,7 +123,23 @@ fn l2_hit(c: &mut Criterion) {
             .unwrap();
         (store, raw, bare_key)
     });
+    let (tiered, skip_l1) = rt.block_on(async {
+        let opts = tiered::EntryOptions::new(Duration::from_secs(3600));
+        let cache: tiered::TieredCache<Profile> = tiered::TieredCache::builder()
+            .namespace("tiered-profiles")
+            .redis_url(server.url())
+            .default_options(opts)
+            .build()
+            .await
+            .unwrap();
+        cache.set("42", &profile()).await.unwrap();
+        (cache, opts.skip_l1(true))
+    });
     let mut g = c.benchmark_group("l2_hit");
+    g.bench_function("tiered", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(tiered.get_with("42", skip_l1).await.unwrap()) })
+    });
     g.bench_function("ours", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(store.get(&key, &codec).await.unwrap()) })
