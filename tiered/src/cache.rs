@@ -339,17 +339,10 @@ where
         T: Into<Loaded<V>>,
         E: Into<BoxError>,
     {
-        let candidate = if options.skip_l1 {
-            None
-        } else {
-            self.inner.l1.get(key).await
+        let candidate = match self.inner.from_l1(key, &options).await {
+            Ok(hit) => return found(key, hit),
+            Err(candidate) => candidate,
         };
-        if let Some(entry) = &candidate
-            && entry.is_fresh()
-        {
-            bump(&self.inner.counters.l1_hits);
-            return found(key, entry.value().value.clone());
-        }
         let loader: Loader<V> = Box::new(move || {
             Box::pin(async move { load().await.map(Into::into).map_err(Into::into) })
         });
@@ -378,18 +371,10 @@ where
     /// # Errors
     /// As [`TieredCache::get`].
     pub async fn get_with(&self, key: &str, options: EntryOptions) -> Result<Option<V>> {
-        let candidate = if options.skip_l1 {
-            None
-        } else {
-            self.inner.l1.get(key).await
-        };
-        if let Some(entry) = &candidate
-            && entry.is_fresh()
-        {
-            bump(&self.inner.counters.l1_hits);
-            return Ok(entry.value().value.clone());
+        match self.inner.from_l1(key, &options).await {
+            Ok(hit) => Ok(hit),
+            Err(candidate) => self.inner.slow(key, options, None, candidate).await,
         }
-        self.inner.slow(key, options, None, candidate).await
     }
 
     /// Writes `value` under `key` in L2 (breaking any load in flight, so no older load can
@@ -590,6 +575,25 @@ impl<V> Inner<V>
 where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
+    /// The hot path: a fresh L1 entry's value (`Ok`), or what L1 holds otherwise (`Err`: a
+    /// stale entry to fall back on, or nothing).
+    async fn from_l1(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+    ) -> std::result::Result<Option<V>, Option<L1Entry<V>>> {
+        if options.skip_l1 {
+            return Err(None);
+        }
+        match self.l1.get(key).await {
+            Some(entry) if entry.is_fresh() => {
+                bump(&self.counters.l1_hits);
+                Ok(entry.value().value.clone())
+            }
+            other => Err(other),
+        }
+    }
+
     /// Detaches loads and reads in flight for `key`: their results must not reach L1.
     pub(crate) fn detach(&self, key: &str) {
         self.loads.invalidate(key);

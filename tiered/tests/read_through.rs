@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Loads, SOON, builder, calls, eventually, node};
+use common::{Loads, SOON, builder, calls, eventually, node, node_with};
 use testkit::RedisServer;
 use tiered::{EntryOptions, Error, Loaded};
 use tokio::sync::{Barrier, Notify};
@@ -490,16 +490,8 @@ async fn l1_time_to_live_bounds_how_long_a_node_trusts_its_copy() {
     let server = RedisServer::start();
     let opts =
         EntryOptions::new(Duration::from_secs(60)).l1_time_to_live(Duration::from_millis(200));
-    let a = builder(&server, "l1ttl")
-        .default_options(opts)
-        .build()
-        .await
-        .unwrap();
-    let b = builder(&server, "l1ttl")
-        .default_options(opts)
-        .build()
-        .await
-        .unwrap();
+    let a = node_with(&server, "l1ttl", opts).await;
+    let b = node_with(&server, "l1ttl", opts).await;
     a.set("k", &"v1".to_string()).await.unwrap();
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
     a.set("k", &"v2".to_string()).await.unwrap();

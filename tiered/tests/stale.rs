@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Loads, SOON, builder, eventually, node};
+use common::{Loads, SOON, eventually, node, node_with};
 use testkit::RedisServer;
 use tiered::{EntryOptions, TieredCache};
 use tokio::sync::Barrier;
@@ -15,11 +15,7 @@ fn swr() -> EntryOptions {
 }
 
 async fn swr_node(server: &RedisServer) -> TieredCache<String> {
-    builder(server, "swr")
-        .default_options(swr())
-        .build()
-        .await
-        .unwrap()
+    node_with(server, "swr", swr()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,11 +101,7 @@ async fn fail_safe_serves_the_old_value_when_the_loader_fails() {
     let opts = EntryOptions::new(Duration::from_millis(200))
         .fail_safe(Duration::from_secs(60))
         .fail_safe_throttle(Duration::from_secs(2));
-    let cache = builder(&server, "failsafe")
-        .default_options(opts)
-        .build()
-        .await
-        .unwrap();
+    let cache = node_with(&server, "failsafe", opts).await;
     let loads = Loads::default();
     cache
         .get_or_set("k", loads.returning("v1", Duration::ZERO))
@@ -125,11 +117,7 @@ async fn fail_safe_serves_the_old_value_when_the_loader_fails() {
     assert_eq!(loads.count(), 2);
 
     // Another node, with nothing in L1, finds the old value in L2.
-    let other = builder(&server, "failsafe")
-        .default_options(opts)
-        .build()
-        .await
-        .unwrap();
+    let other = node_with(&server, "failsafe", opts).await;
     let v = other.get_or_set("k", loads.failing()).await.unwrap();
     assert_eq!(v, "v1");
 
@@ -147,11 +135,7 @@ async fn a_soft_timeout_serves_the_old_value_and_the_load_finishes_in_the_backgr
     let opts = EntryOptions::new(Duration::from_millis(200))
         .fail_safe(Duration::from_secs(60))
         .soft_timeout(Duration::from_millis(100));
-    let cache = builder(&server, "soft")
-        .default_options(opts)
-        .build()
-        .await
-        .unwrap();
+    let cache = node_with(&server, "soft", opts).await;
     let loads = Loads::default();
     cache
         .get_or_set("k", loads.returning("v1", Duration::ZERO))

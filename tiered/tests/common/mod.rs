@@ -19,6 +19,19 @@ pub fn builder(server: &RedisServer, namespace: &str) -> TieredCacheBuilder<Stri
         .default_options(EntryOptions::new(Duration::from_secs(60)))
 }
 
+/// A node whose default options are `options`.
+pub async fn node_with(
+    server: &RedisServer,
+    namespace: &str,
+    options: EntryOptions,
+) -> TieredCache<String> {
+    builder(server, namespace)
+        .default_options(options)
+        .build()
+        .await
+        .unwrap()
+}
+
 /// A node with the defaults.
 pub async fn node(server: &RedisServer, namespace: &str) -> TieredCache<String> {
     builder(server, namespace).build().await.unwrap()
