@@ -339,7 +339,7 @@ where
         T: Into<Loaded<V>>,
         E: Into<BoxError>,
     {
-        let candidate = match self.inner.from_l1(key, &options).await {
+        let candidate = match self.inner.l1_lookup(key, &options).await {
             Ok(hit) => return found(key, hit),
             Err(candidate) => candidate,
         };
@@ -371,7 +371,7 @@ where
     /// # Errors
     /// As [`TieredCache::get`].
     pub async fn get_with(&self, key: &str, options: EntryOptions) -> Result<Option<V>> {
-        match self.inner.from_l1(key, &options).await {
+        match self.inner.l1_lookup(key, &options).await {
             Ok(hit) => Ok(hit),
             Err(candidate) => self.inner.slow(key, options, None, candidate).await,
         }
@@ -577,7 +577,7 @@ where
 {
     /// The hot path: a fresh L1 entry's value (`Ok`), or what L1 holds otherwise (`Err`: a
     /// stale entry to fall back on, or nothing).
-    async fn from_l1(
+    async fn l1_lookup(
         &self,
         key: &str,
         options: &EntryOptions,
