@@ -5,6 +5,7 @@
 //!  0     4    magic           C1 'M' 'L' 'C'  (0xC1 is never the first byte of MessagePack)
 //!  4     1    format version  1
 //!  5     1    flags           bit 1: an "absent" marker (negative cache, empty payload);
+//!                             bit 2: a tombstone (deleted, kept for its version; a miss);
 //!                             bit 0 is reserved for compression; any other set bit is refused
 //!  6     8    type tag        u64 LE, chosen by the caller (TypeTag::from_name)
 //! 14     8    write version   u64 LE
@@ -30,6 +31,24 @@ use crate::error::{DecodeError, Error, Result};
 
 /// Flag: the entry records that the value does not exist (a cached "not found"); no payload.
 pub const FLAG_ABSENT: u8 = 0b10;
+/// Flag: the entry was deleted; kept only for its write version, it reads as a miss.
+pub const FLAG_TOMBSTONE: u8 = 0b100;
+
+/// A tombstone: a header with [`FLAG_TOMBSTONE`], type tag 0 and no payload (its write version
+/// is stamped by the delete script).
+pub(crate) static TOMBSTONE: [u8; HEADER_LEN] = {
+    let mut t = [0u8; HEADER_LEN];
+    t[0] = MAGIC[0];
+    t[1] = MAGIC[1];
+    t[2] = MAGIC[2];
+    t[3] = MAGIC[3];
+    t[4] = FORMAT_VERSION;
+    t[5] = FLAG_TOMBSTONE;
+    // fresh for 1 ms, stale for 1 ms: valid deadlines.
+    t[22] = 1;
+    t[30] = 1;
+    t
+};
 
 /// The magic bytes every entry starts with.
 pub const MAGIC: [u8; 4] = [0xC1, b'M', b'L', b'C'];
@@ -296,7 +315,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, DecodeError> {
         return Err(DecodeError::UnsupportedVersion(version));
     }
     let flags = bytes[5];
-    if flags & !FLAG_ABSENT != 0 {
+    if flags & !(FLAG_ABSENT | FLAG_TOMBSTONE) != 0 {
         return Err(DecodeError::UnsupportedFlags(flags));
     }
     let u64_at = |at: usize| {

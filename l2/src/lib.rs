@@ -49,18 +49,19 @@ mod envelope;
 mod error;
 mod keys;
 mod lock;
+mod scripts;
 mod store;
 mod subscriber;
 
 pub use connection::{Connection, ConnectionBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
 pub use envelope::{
-    Codec, DEFAULT_MAX_SIZE, EntryMeta, FLAG_ABSENT, FORMAT_VERSION, HEADER_LEN, Header, MAGIC,
-    TypeTag, decode_header,
+    Codec, DEFAULT_MAX_SIZE, EntryMeta, FLAG_ABSENT, FLAG_TOMBSTONE, FORMAT_VERSION, HEADER_LEN,
+    Header, MAGIC, TypeTag, decode_header,
 };
 pub use error::{DecodeError, Error, Result};
 pub use keys::{Key, KeySpace, MAX_KEY_LEN};
 pub use lock::{Lock, LockWait, LockWaiters};
-pub use store::{Fetched, RedisStore, StoreStats};
+pub use store::{Announce, Fetched, RedisStore, Removal, StoreStats};
 pub use subscriber::{Event, Subscriber};
 
 #[cfg(test)]
@@ -96,8 +97,9 @@ mod tests {
         is_send(&store.set_if_locked(&lock, &codec, &value, &meta));
         is_send(&store.lookup(&key, &codec));
         is_send(&store.lookup_many(&[], &codec));
-        is_send(&store.overwrite(&key, &[], ttl));
-        is_send(&store.remove(&key));
+        is_send(&store.overwrite(&key, &[], ttl, None));
+        is_send(&store.remove(&key, ttl, None));
+        is_send(&store.publish("", &[]));
         is_send(&store.complete_lock(&lock, &[], ttl));
         is_send(&store.try_lock_many(&[], ttl));
         is_send(&store.complete_locks(&[], ttl));

@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use crate::envelope::{Codec, EntryMeta};
 use crate::error::Result;
 use crate::keys::{Key, KeySpace};
+use crate::scripts::{COMPLETE, COMPLETE_SRC};
 use crate::store::{RedisStore, ttl_ms};
 use crate::subscriber::{Event, Subscriber};
 use tokio::sync::watch;
@@ -40,17 +41,6 @@ static SET_IF_LOCKED: LazyLock<redis::Script> = LazyLock::new(|| {
           return 0",
     )
 });
-
-/// `KEYS[1]` the lock, `KEYS[2]` the data key: while the lock holds `ARGV[1]`, write `ARGV[2]`
-/// for `ARGV[3]` ms, release the lock and tell waiters on channel `ARGV[4]`; one round trip.
-const COMPLETE_SRC: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then
-            redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-            redis.call('DEL', KEYS[1])
-            redis.call('PUBLISH', ARGV[4], KEYS[2])
-            return 1
-          end
-          return 0";
-static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(COMPLETE_SRC));
 
 /// `KEYS[1]` the lock, `KEYS[2]` the data key: release if still held by `ARGV[1]` and tell
 /// waiters on channel `ARGV[2]`, so one of them takes over at once.
@@ -145,15 +135,21 @@ impl RedisStore {
     }
 
     /// Finishes a load under `lock` in one round trip: while this holder still has the lock,
-    /// writes `bytes` (an encoded entry) at the data key for `ttl`, releases the lock and wakes
-    /// the waiters. Returns whether it wrote: `false` means the lock expired or was broken by
-    /// a newer write ([`RedisStore::overwrite`], [`RedisStore::remove`]), whose value must win.
+    /// writes `bytes` (an encoded entry) at the data key for `ttl` with the next write version,
+    /// releases the lock and wakes the waiters. Returns the version written, or `None` if the
+    /// lock expired or was broken by a newer write ([`RedisStore::overwrite`],
+    /// [`RedisStore::remove`]), whose value must win.
     ///
     /// # Errors
     /// [`Error::InvalidTtl`](crate::Error::InvalidTtl), [`Error::Timeout`](crate::Error::Timeout) or [`Error::Redis`](crate::Error::Redis).
-    pub async fn complete_lock(&self, lock: &Lock, bytes: &[u8], ttl: Duration) -> Result<bool> {
+    pub async fn complete_lock(
+        &self,
+        lock: &Lock,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> Result<Option<u64>> {
         let ms = ttl_ms(ttl)?;
-        let n: i64 = self.note(
+        let v: u64 = self.note(
             self.connection()
                 .invoke(
                     "complete lock",
@@ -167,7 +163,7 @@ impl RedisStore {
                 )
                 .await,
         )?;
-        Ok(n == 1)
+        Ok((v > 0).then_some(v))
     }
 
     /// Tries once to take the locks of all `keys` for `ttl`, in one round trip (a pipeline
@@ -208,7 +204,7 @@ impl RedisStore {
 
     /// [`RedisStore::complete_lock`] for many locks in one round trip (a pipeline of `EVAL`s):
     /// each `(lock, bytes)` is written for `ttl` only while its lock holds. Returns, per item,
-    /// whether it was written.
+    /// the version written or `None`.
     ///
     /// # Errors
     /// As [`RedisStore::complete_lock`].
@@ -216,7 +212,7 @@ impl RedisStore {
         &self,
         items: &[(Lock, Vec<u8>)],
         ttl: Duration,
-    ) -> Result<Vec<bool>> {
+    ) -> Result<Vec<Option<u64>>> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -224,7 +220,7 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for (lock, bytes) in items {
             pipe.cmd("EVAL")
-                .arg(COMPLETE_SRC)
+                .arg(COMPLETE_SRC.as_str())
                 .arg(2)
                 .arg(&*lock.lock_key)
                 .arg(&lock.data_key)
@@ -233,9 +229,9 @@ impl RedisStore {
                 .arg(ms)
                 .arg(lock.data_key.notice_channel());
         }
-        let replies: Vec<i64> =
+        let replies: Vec<u64> =
             self.note(self.connection().query_pipe("complete locks", &pipe).await)?;
-        Ok(replies.into_iter().map(|n| n == 1).collect())
+        Ok(replies.into_iter().map(|v| (v > 0).then_some(v)).collect())
     }
 
     /// [`RedisStore::unlock`] for many locks in one round trip.

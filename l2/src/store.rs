@@ -9,9 +9,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::connection::Connection;
-use crate::envelope::{Codec, EntryMeta};
+use crate::envelope::{Codec, EntryMeta, FLAG_TOMBSTONE, TOMBSTONE, decode_header};
 use crate::error::{DecodeError, Error, Result};
 use crate::keys::{Key, KeySpace};
+use crate::scripts::{OVERWRITE, REMOVE};
 
 /// Deletes `KEYS[1]` only if it still holds `ARGV[1]`. Used to release a lock and to evict
 /// undecodable bytes without losing a write that replaced them meanwhile.
@@ -24,26 +25,25 @@ static DELETE_IF_EQUALS: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
-/// `SET KEYS[1] ARGV[1] PX ARGV[2]`, break any load lock on it (`KEYS[2]`), and tell lock
-/// waiters on channel `ARGV[3]`: a write that in-flight loads can never overwrite.
-static OVERWRITE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-          redis.call('DEL', KEYS[2])
-          redis.call('PUBLISH', ARGV[3], KEYS[1])
-          return 1",
-    )
-});
+/// A message a write publishes in the same atomic step: the script appends the entry's new
+/// write version (8 bytes, little endian) to `message` and publishes it on `channel`.
+#[derive(Debug, Clone, Copy)]
+pub struct Announce<'a> {
+    /// The channel.
+    pub channel: &'a str,
+    /// The message, before the version is appended.
+    pub message: &'a [u8],
+}
 
-/// Delete `KEYS[1]` and its load lock `KEYS[2]`, and tell lock waiters on channel `ARGV[1]`.
-static REMOVE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"local n = redis.call('DEL', KEYS[1])
-          redis.call('DEL', KEYS[2])
-          redis.call('PUBLISH', ARGV[1], KEYS[1])
-          return n",
-    )
-});
+/// What [`RedisStore::remove`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Removal {
+    /// Whether a value (not a tombstone) was there.
+    pub existed: bool,
+    /// The write version of the deletion (its tombstone's).
+    pub version: u64,
+}
 
 /// An entry whose value is present, or nothing (an absent marker reads as a miss).
 fn present<T>(f: Option<Fetched<Option<T>>>) -> Option<Fetched<T>> {
@@ -353,6 +353,11 @@ impl RedisStore {
             }
             Raw::Bytes { bytes, pttl } => (bytes, pttl),
         };
+        if decode_header(&bytes).is_ok_and(|h| h.flags & FLAG_TOMBSTONE != 0) {
+            // A deleted entry that keeps its version: a miss.
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
         match codec.decode_optional(&bytes) {
             Ok((header, value)) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -453,15 +458,23 @@ impl RedisStore {
         self.note(self.conn.query_pipe::<()>("set_many", &pipe).await)
     }
 
-    /// Writes encoded `bytes` at `key` for `ttl` as the newest value: breaks any load lock on
-    /// the key (so a loader that started earlier cannot overwrite it through
-    /// [`RedisStore::complete_lock`]) and wakes the lock's waiters, in one Lua script.
+    /// Writes encoded `bytes` at `key` for `ttl` as the newest value, in one Lua script: stamps
+    /// the next write version into it, breaks any load lock on the key (so a loader that
+    /// started earlier cannot overwrite it through [`RedisStore::complete_lock`]), wakes the
+    /// lock's waiters and publishes `announce`, if any. Returns the write version.
     ///
     /// # Errors
     /// [`Error::InvalidTtl`], [`Error::Timeout`] or [`Error::Redis`].
-    pub async fn overwrite(&self, key: &Key, bytes: &[u8], ttl: Duration) -> Result<()> {
+    pub async fn overwrite(
+        &self,
+        key: &Key,
+        bytes: &[u8],
+        ttl: Duration,
+        announce: Option<Announce<'_>>,
+    ) -> Result<u64> {
         let ms = ttl_ms(ttl)?;
-        let _: i64 = self.note(
+        let (channel, message) = announce.map_or(("", &[][..]), |a| (a.channel, a.message));
+        self.note(
             self.conn
                 .invoke(
                     "overwrite",
@@ -470,31 +483,59 @@ impl RedisStore {
                         .key(key.lock_key())
                         .arg(bytes)
                         .arg(ms)
-                        .arg(key.notice_channel()),
+                        .arg(key.notice_channel())
+                        .arg(channel)
+                        .arg(message),
                 )
                 .await,
-        )?;
-        Ok(())
+        )
     }
 
-    /// Deletes `key`, breaks any load lock on it and wakes the lock's waiters, in one Lua
-    /// script. Returns whether the key existed.
+    /// Deletes the value at `key`, in one Lua script: leaves a tombstone (it reads as a miss)
+    /// that keeps the next write version for at least `min_ttl` and as long as the old value
+    /// would have lived, breaks any load lock, wakes the lock's waiters and publishes
+    /// `announce`, if any.
     ///
     /// # Errors
-    /// [`Error::Timeout`] or [`Error::Redis`].
-    pub async fn remove(&self, key: &Key) -> Result<bool> {
-        let n: i64 = self.note(
+    /// [`Error::InvalidTtl`], [`Error::Timeout`] or [`Error::Redis`].
+    pub async fn remove(
+        &self,
+        key: &Key,
+        min_ttl: Duration,
+        announce: Option<Announce<'_>>,
+    ) -> Result<Removal> {
+        let ms = ttl_ms(min_ttl)?;
+        let (channel, message) = announce.map_or(("", &[][..]), |a| (a.channel, a.message));
+        let (existed, version): (i64, u64) = self.note(
             self.conn
                 .invoke(
                     "remove",
                     REMOVE
                         .key(key)
                         .key(key.lock_key())
-                        .arg(key.notice_channel()),
+                        .arg(&TOMBSTONE[..])
+                        .arg(ms)
+                        .arg(key.notice_channel())
+                        .arg(channel)
+                        .arg(message),
                 )
                 .await,
         )?;
-        Ok(n > 0)
+        Ok(Removal {
+            existed: existed == 1,
+            version,
+        })
+    }
+
+    /// Publishes `message` on `channel`.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] or [`Error::Redis`].
+    pub async fn publish(&self, channel: &str, message: &[u8]) -> Result<()> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(message);
+        let _: i64 = self.note(self.conn.query("publish", &cmd).await)?;
+        Ok(())
     }
 
     /// Deletes `key`. Returns whether it existed.

@@ -155,6 +155,58 @@ impl Subscriber {
         })
     }
 
+    /// Sends PING on the subscriber connection itself and returns the round trip: a heartbeat
+    /// that proves messages can still arrive (a dead or stopped server, or a half-open
+    /// connection, fails it). Bounded by `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] or [`Error::Redis`].
+    pub async fn ping(&self, timeout: std::time::Duration) -> Result<std::time::Duration> {
+        let start = tokio::time::Instant::now();
+        let mut manager = self.manager.clone();
+        let _: String = self
+            .bounded("subscriber ping", timeout, async move {
+                redis::cmd("PING").query_async(&mut manager).await
+            })
+            .await?;
+        Ok(start.elapsed())
+    }
+
+    /// The server's `run_id` (`INFO server`): it changes when Redis restarts, which loses
+    /// every message published meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] or [`Error::Redis`].
+    pub async fn run_id(&self, timeout: std::time::Duration) -> Result<String> {
+        let mut manager = self.manager.clone();
+        let info: String = self
+            .bounded("subscriber info", timeout, async move {
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut manager)
+                    .await
+            })
+            .await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_string())
+            .ok_or_else(|| Error::Config("INFO server has no run_id".into()))
+    }
+
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        timeout: std::time::Duration,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => Err(Error::Timeout { op, after: timeout }),
+            Ok(Err(e)) => Err(Error::redis(op, e)),
+            Err(_) => Err(Error::Timeout { op, after: timeout }),
+        }
+    }
+
     /// Calls `handler` for every event on `channel`, subscribing to it if this is its first
     /// handler. Returns once Redis confirmed the subscription.
     ///

@@ -176,15 +176,16 @@ async fn a_newer_write_breaks_the_lock_so_the_older_load_cannot_land() {
         .unwrap();
     let newer = codec.encode(&"newer".to_string(), &meta).unwrap();
     store
-        .overwrite(&key, &newer, Duration::from_secs(60))
+        .overwrite(&key, &newer, Duration::from_secs(60), None)
         .await
         .unwrap();
     let older = codec.encode(&"older".to_string(), &meta).unwrap();
     assert!(
-        !store
+        store
             .complete_lock(&lock, &older, Duration::from_secs(60))
             .await
-            .unwrap(),
+            .unwrap()
+            .is_none(),
         "the write of a load that started before the overwrite must be refused"
     );
     assert_eq!(
@@ -198,12 +199,19 @@ async fn a_newer_write_breaks_the_lock_so_the_older_load_cannot_land() {
         .await
         .unwrap()
         .unwrap();
-    assert!(store.remove(&key).await.unwrap());
     assert!(
-        !store
+        store
+            .remove(&key, Duration::from_secs(60), None)
+            .await
+            .unwrap()
+            .existed
+    );
+    assert!(
+        store
             .complete_lock(&lock, &older, Duration::from_secs(60))
             .await
             .unwrap()
+            .is_none()
     );
     assert!(store.get(&key, &codec).await.unwrap().is_none());
 
@@ -213,11 +221,14 @@ async fn a_newer_write_breaks_the_lock_so_the_older_load_cannot_land() {
         .await
         .unwrap()
         .unwrap();
-    assert!(
-        store
-            .complete_lock(&lock, &older, Duration::from_secs(60))
-            .await
-            .unwrap()
+    let version = store
+        .complete_lock(&lock, &older, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        version,
+        Some(3),
+        "after the overwrite (1) and the delete (2)"
     );
     assert_eq!(server.command(&["EXISTS", &key.lock_key()]), "0");
     assert_eq!(
@@ -276,7 +287,7 @@ async fn waiters_are_woken_by_the_holders_write_not_by_polling() {
         start.elapsed() < Duration::from_secs(4),
         "woken by the notice, not the deadline"
     );
-    assert!(writer.await.unwrap());
+    assert_eq!(writer.await.unwrap(), Some(1));
     assert_eq!(store.get(&key, &codec).await.unwrap().unwrap().value, "v");
 
     // A batch of locks is one round trip and releases wake waiters too.
@@ -307,7 +318,7 @@ async fn absent_markers_read_as_absent_not_as_corrupt() {
         .encode_absent(&EntryMeta::new(Duration::from_secs(60)))
         .unwrap();
     store
-        .overwrite(&key, &bytes, Duration::from_secs(60))
+        .overwrite(&key, &bytes, Duration::from_secs(60), None)
         .await
         .unwrap();
     let found = store.lookup(&key, &codec).await.unwrap().unwrap();
@@ -323,4 +334,89 @@ async fn absent_markers_read_as_absent_not_as_corrupt() {
         "1",
         "not evicted"
     );
+}
+
+#[tokio::test]
+async fn every_change_gets_the_next_version_even_across_deletes() {
+    let server = RedisServer::start();
+    let conn = Connection::connect(server.url()).await.unwrap();
+    let store = RedisStore::new(conn.clone());
+    let codec = Codec::<String>::new(TAG);
+    let meta = EntryMeta::new(Duration::from_secs(60));
+    let key = KeySpace::new("versions").key("k");
+    let ttl = Duration::from_secs(60);
+    let bytes = codec.encode(&"v".to_string(), &meta).unwrap();
+
+    // Announcements carry the version, appended by the script.
+    let subscriber = l2::Subscriber::connect(&conn).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    subscriber
+        .listen("versions:!test", move |e| {
+            if let l2::Event::Message { payload, .. } = e {
+                let _ = tx.send(payload.to_vec());
+            }
+        })
+        .await
+        .unwrap();
+    let announce = l2::Announce {
+        channel: "versions:!test",
+        message: b"hdr",
+    };
+    assert_eq!(
+        store
+            .overwrite(&key, &bytes, ttl, Some(announce))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.overwrite(&key, &bytes, ttl, None).await.unwrap(), 2);
+    let removal = store.remove(&key, ttl, Some(announce)).await.unwrap();
+    assert_eq!((removal.existed, removal.version), (true, 3));
+    assert!(
+        store.get(&key, &codec).await.unwrap().is_none(),
+        "a tombstone is a miss"
+    );
+    assert_eq!(store.stats().decode_errors, 0);
+    let again = store.remove(&key, ttl, None).await.unwrap();
+    assert_eq!((again.existed, again.version), (false, 4));
+    assert_eq!(store.overwrite(&key, &bytes, ttl, None).await.unwrap(), 5);
+    let read = store.get(&key, &codec).await.unwrap().unwrap();
+    assert_eq!(
+        read.meta.write_version, 5,
+        "readers see the stamped version"
+    );
+    let lock = store.try_lock(&key, ttl).await.unwrap().unwrap();
+    assert_eq!(
+        store.complete_lock(&lock, &bytes, ttl).await.unwrap(),
+        Some(6)
+    );
+
+    let mut first = b"hdr".to_vec();
+    first.extend_from_slice(&1u64.to_le_bytes());
+    let mut third = b"hdr".to_vec();
+    third.extend_from_slice(&3u64.to_le_bytes());
+    let wait = Duration::from_secs(5);
+    assert_eq!(
+        tokio::time::timeout(wait, rx.recv()).await.unwrap(),
+        Some(first)
+    );
+    assert_eq!(
+        tokio::time::timeout(wait, rx.recv()).await.unwrap(),
+        Some(third)
+    );
+
+    // A tombstone outlives what the deleted value would have, and a long minimum.
+    let other = KeySpace::new("versions").key("short");
+    store
+        .overwrite(&other, &bytes, Duration::from_secs(100), None)
+        .await
+        .unwrap();
+    store
+        .remove(&other, Duration::from_millis(5), None)
+        .await
+        .unwrap();
+    let pttl: i64 = server.command(&["PTTL", other.as_str()]).parse().unwrap();
+    assert!(pttl > 90_000, "{pttl}");
+    assert!(subscriber.ping(wait).await.is_ok());
+    assert_eq!(subscriber.run_id(wait).await.unwrap().len(), 40);
 }

@@ -222,23 +222,30 @@ async fn resolve_many<V, F, Fut, I, E>(
         Some(neg) => complete(inner, &negative_writes, neg.stale_for).await,
         None => Vec::new(),
     };
+    // Per item: `None` where the write was refused, `Some(version)` otherwise (0 when it was
+    // not attempted or Redis failed).
+    let outcome = |slot: Option<(bool, usize)>| match slot {
+        Some((false, i)) => written.get(i).copied().unwrap_or(Some(0)),
+        Some((true, i)) => written_negative.get(i).copied().unwrap_or(Some(0)),
+        None => Some(0),
+    };
     let _ = inner.store.unlock_many(&release).await;
     for (claim, value, weight, slot) in results {
         // A write refused because the lock passed on: a newer value exists; keep ours out of L1.
-        let refused = match slot {
-            Some((false, i)) => !written.get(i).copied().unwrap_or(true),
-            Some((true, i)) => !written_negative.get(i).copied().unwrap_or(true),
-            None => false,
-        };
-        if refused {
+        let Some(version) = outcome(slot) else {
             bump(&inner.counters.duplicate_loads);
-        } else if value.is_some() || negative.is_some() {
+            claim.finish(Ok(value));
+            continue;
+        };
+        if value.is_some() || negative.is_some() {
             let (f, l) = match (&value, &negative) {
                 (None, Some(neg)) => (neg.fresh_for, neg.stale_for),
                 _ => (fresh, life),
             };
             let key: Arc<str> = claim.key().into();
-            let entry = inner.entry(value.clone(), weight, f, l, &opts);
+            let entry = inner
+                .entry(value.clone(), weight, f, l, &opts)
+                .version(version);
             inner.fill(&key, entry, &opts, &claim.token()).await;
         }
         claim.finish(Ok(value));
@@ -246,7 +253,11 @@ async fn resolve_many<V, F, Fut, I, E>(
 }
 
 /// Completes `writes` under their locks; on a Redis failure nothing counts as refused.
-async fn complete<V>(inner: &Inner<V>, writes: &[(Lock, Vec<u8>)], ttl: Duration) -> Vec<bool>
+async fn complete<V>(
+    inner: &Inner<V>,
+    writes: &[(Lock, Vec<u8>)],
+    ttl: Duration,
+) -> Vec<Option<u64>>
 where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
@@ -260,7 +271,7 @@ where
         Err(_) => {
             let locks: Vec<Lock> = writes.iter().map(|(l, _)| l.clone()).collect();
             let _ = inner.store.unlock_many(&locks).await;
-            vec![true; writes.len()]
+            vec![Some(0); writes.len()]
         }
     }
 }

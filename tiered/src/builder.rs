@@ -5,8 +5,9 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use invalidation::{Bus, BusConfig};
 use l1::LocalCache;
-use l2::{Codec, Connection, KeySpace, LockWaiters, RedisStore, Subscriber, TypeTag};
+use l2::{Codec, Connection, KeySpace, LockWaiters, RedisStore, TypeTag};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -33,7 +34,8 @@ pub struct TieredCacheBuilder<V> {
     type_name: Option<String>,
     redis_url: Option<String>,
     connection: Option<Connection>,
-    subscriber: Option<Subscriber>,
+    bus: Option<Bus>,
+    bus_config: BusConfig,
     l2_timeout: Duration,
     l1_max_bytes: u64,
     l1_max_entries: Option<u64>,
@@ -69,7 +71,8 @@ where
             type_name: None,
             redis_url: None,
             connection: None,
-            subscriber: None,
+            bus: None,
+            bus_config: BusConfig::default(),
             l2_timeout: l2::DEFAULT_TIMEOUT,
             l1_max_bytes: l1::DEFAULT_MAX_BYTES,
             l1_max_entries: None,
@@ -116,9 +119,19 @@ where
         self
     }
 
-    /// An existing subscriber connection, shared with other caches. Default: one of its own.
-    pub fn subscriber(mut self, subscriber: Subscriber) -> Self {
-        self.subscriber = Some(subscriber);
+    /// An existing invalidation bus (one subscriber connection per process), shared with
+    /// caches of other namespaces. Default: a bus of its own, with
+    /// [`TieredCacheBuilder::bus_config`].
+    pub fn bus(mut self, bus: Bus) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// The heartbeat settings of the cache's own bus (they set the staleness bound Δ; see
+    /// [`invalidation`]). Ignored with [`TieredCacheBuilder::bus`].
+    /// Default: [`BusConfig::default`].
+    pub fn bus_config(mut self, config: BusConfig) -> Self {
+        self.bus_config = config;
         self
     }
 
@@ -216,15 +229,17 @@ where
                 return Err(Error::Config("redis_url or connection is required".into()));
             }
         };
-        let subscriber = match self.subscriber {
-            Some(s) => s,
-            None => Subscriber::connect(&connection).await?,
+        let bus = match self.bus {
+            Some(bus) => bus,
+            None => Bus::connect(&connection, self.bus_config).await?,
         };
         let mut space = KeySpace::new(&namespace);
         if let Some(v) = self.schema_version {
             space = space.schema_version(v);
         }
-        let waiters = LockWaiters::attach(&subscriber, &space).await?;
+        let waiters = LockWaiters::attach(bus.subscriber(), &space).await?;
+        let channel = invalidation::channel_for(&space);
+        let publisher = bus.publisher(&channel);
         let tag = TypeTag::from_name(self.type_name.as_deref().unwrap_or(&namespace));
         let codec = Codec::new(tag).max_size(self.max_value_bytes);
         let mut l1 = LocalCache::builder().max_bytes(self.l1_max_bytes);
@@ -249,14 +264,14 @@ where
             loads: Flights::new(),
             reads: Flights::new(),
             counters: Counters::default(),
+            publisher,
+            bus: bus.clone(),
         };
-        // The subscriber must live as long as the cache: its handlers are what wake waiters.
-        let lifeline = Lifeline {
-            _close: tx,
-            _subscriber: subscriber,
-        };
+        let inner = Arc::new(inner);
+        crate::coherence::listen(&inner, &bus, &channel).await?;
+        let lifeline = Lifeline { _close: tx };
         Ok(TieredCache {
-            inner: Arc::new(inner),
+            inner,
             _lifeline: Arc::new(lifeline),
         })
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use l1::{Entry, LocalCache};
-use l2::{Codec, EntryMeta, Fetched, Key, KeySpace, Lock, LockWaiters, RedisStore};
+use l2::{Announce, Codec, EntryMeta, Fetched, Key, KeySpace, Lock, LockWaiters, RedisStore};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -88,6 +88,7 @@ pub(crate) type L1Entry<V> = Arc<Entry<Held<V>>>;
 /// A value kept to serve when a fresh one cannot be had.
 struct Fallback<V> {
     value: Option<V>,
+    version: u64,
     fresh: bool,
     in_swr: bool,
 }
@@ -100,6 +101,7 @@ impl<V: Clone> Fallback<V> {
         let held = entry.value();
         Fallback {
             value: held.value.clone(),
+            version: entry.write_version(),
             fresh: now < held.fresh_until,
             in_swr: now < held.fresh_until + opts.swr,
         }
@@ -127,6 +129,10 @@ pub(crate) struct Counters {
     pub(crate) duplicate_loads: AtomicU64,
     pub(crate) unlocked_loads: AtomicU64,
     pub(crate) l2_failures: AtomicU64,
+    pub(crate) invalidations_sent: AtomicU64,
+    pub(crate) invalidations_received: AtomicU64,
+    pub(crate) invalidations_ignored: AtomicU64,
+    pub(crate) gaps: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -166,6 +172,14 @@ pub struct CacheStats {
     pub l2_failures: u64,
     /// How many times the circuit breaker opened.
     pub breaker_opened: u64,
+    /// Changes this cache announced to other nodes (writes, deletes, clears).
+    pub invalidations_sent: u64,
+    /// Announcements from other nodes that evicted or cleared something here.
+    pub invalidations_received: u64,
+    /// Announcements ignored because L1 already held that version or a newer one.
+    pub invalidations_ignored: u64,
+    /// Times L1 was dropped because invalidations may have been missed.
+    pub gaps: u64,
     /// The L1 tier's own counters.
     pub l1: l1::Stats,
     /// The L2 store's counters (shared by caches on the same store).
@@ -200,13 +214,14 @@ pub(crate) struct Inner<V> {
     pub(crate) loads: Arc<Flights<Option<V>>>,
     pub(crate) reads: Arc<Flights<Option<V>>>,
     pub(crate) counters: Counters,
+    pub(crate) publisher: invalidation::Publisher,
+    pub(crate) bus: invalidation::Bus,
 }
 
-/// Dropped with the last [`TieredCache`] handle: ends the background tasks and closes the
-/// subscriber connection.
+/// Dropped with the last [`TieredCache`] handle: ends the background tasks and lets go of the
+/// bus (which closes with its last user).
 pub(crate) struct Lifeline {
     pub(crate) _close: watch::Sender<()>,
-    pub(crate) _subscriber: l2::Subscriber,
 }
 
 /// A two-level cache of `V` values in one namespace: L1 in this process, L2 in Redis.
@@ -387,7 +402,7 @@ where
     /// # Errors
     /// [`Error::L2`] if the value cannot be encoded or Redis does not acknowledge the write;
     /// the key is then dropped from L1 too (its state is unknown).
-    pub async fn set(&self, key: &str, value: &V) -> Result<()> {
+    pub async fn set(&self, key: &str, value: &V) -> Result<u64> {
         self.set_with(key, value, self.inner.defaults).await
     }
 
@@ -395,7 +410,7 @@ where
     ///
     /// # Errors
     /// As [`TieredCache::set`].
-    pub async fn set_with(&self, key: &str, value: &V, options: EntryOptions) -> Result<()> {
+    pub async fn set_with(&self, key: &str, value: &V, options: EntryOptions) -> Result<u64> {
         let inner = &self.inner;
         inner.detach(key);
         let fresh = options.jittered_ttl();
@@ -406,49 +421,107 @@ where
             stale_for: life,
         };
         let bytes = inner.codec.encode(value, &meta)?;
+        let mut version = 0;
         if !options.skip_l2 {
             let rkey = inner.space.key(key);
-            let written = inner.store.overwrite(&rkey, &bytes, life).await;
+            let message = inner.publisher.evict(key);
+            let announce = Announce {
+                channel: inner.publisher.channel(),
+                message: &message,
+            };
+            let written = inner
+                .store
+                .overwrite(&rkey, &bytes, life, Some(announce))
+                .await;
             inner.note_l2(written.as_ref().err());
-            if let Err(e) = written {
-                inner.detach(key);
-                inner.l1.invalidate(key).await;
-                return Err(e.into());
+            match written {
+                Ok(v) => {
+                    version = v;
+                    bump(&inner.counters.invalidations_sent);
+                }
+                Err(e) => {
+                    inner.detach(key);
+                    inner.l1.invalidate(key).await;
+                    return Err(e.into());
+                }
             }
         }
         // Loads that started while the write was on its way read the old value: detach them
         // again before filling L1.
         inner.detach(key);
         if !options.skip_l1 {
-            let entry = inner.entry(Some(value.clone()), bytes.len(), fresh, life, &options);
+            let entry = inner
+                .entry(Some(value.clone()), bytes.len(), fresh, life, &options)
+                .version(version);
             inner.l1.insert(Arc::<str>::from(key), entry).await;
         }
-        Ok(())
+        Ok(version)
     }
 
-    /// Removes `key` from L2 (breaking any load in flight) and from L1.
+    /// Removes `key` from L2 (leaving a tombstone that keeps its version, and breaking any
+    /// load in flight), tells every node to drop it, and drops it from this node's L1.
+    /// Returns the write version of the deletion.
     ///
     /// # Concurrent calls on the same key
     /// As [`TieredCache::set`]: no load that started before this call fills L1 after it.
     ///
     /// # Errors
     /// [`Error::L2`] if Redis does not acknowledge the delete (L1 is cleared anyway).
-    pub async fn invalidate(&self, key: &str) -> Result<()> {
+    pub async fn invalidate(&self, key: &str) -> Result<u64> {
         let inner = &self.inner;
         inner.detach(key);
         inner.l1.invalidate(key).await;
-        let removed = inner.store.remove(&inner.space.key(key)).await;
+        let message = inner.publisher.evict(key);
+        let announce = Announce {
+            channel: inner.publisher.channel(),
+            message: &message,
+        };
+        let removed = inner
+            .store
+            .remove(
+                &inner.space.key(key),
+                inner.defaults.l2_time_to_live(),
+                Some(announce),
+            )
+            .await;
         inner.note_l2(removed.as_ref().err());
         inner.detach(key);
         inner.l1.invalidate(key).await;
-        removed.map(|_| ()).map_err(Into::into)
+        let removal = removed?;
+        bump(&inner.counters.invalidations_sent);
+        Ok(removal.version)
+    }
+
+    /// Deletes every entry of this namespace from L2 (`SCAN` + `UNLINK`, never `KEYS`), then
+    /// tells every node to drop its L1 of this namespace (other namespaces are untouched), and
+    /// drops this node's. Returns how many Redis keys were deleted.
+    ///
+    /// # Errors
+    /// [`Error::L2`] if Redis fails; this node's L1 is dropped anyway, and other nodes are
+    /// told as soon as the delete is done.
+    pub async fn clear(&self) -> Result<u64> {
+        let inner = &self.inner;
+        self.invalidate_local();
+        let deleted = inner.store.clear(&inner.space).await;
+        inner.note_l2(deleted.as_ref().err());
+        let deleted = deleted?;
+        let published = inner
+            .store
+            .publish(
+                inner.publisher.channel(),
+                &inner.publisher.clear_namespace(),
+            )
+            .await;
+        inner.note_l2(published.as_ref().err());
+        published?;
+        self.invalidate_local();
+        bump(&inner.counters.invalidations_sent);
+        Ok(deleted)
     }
 
     /// Drops every entry of this cache from this process's L1 (L2 is untouched).
     pub fn invalidate_local(&self) {
-        self.inner.loads.invalidate_all();
-        self.inner.reads.invalidate_all();
-        self.inner.l1.invalidate_all();
+        self.inner.invalidate_local();
     }
 
     /// Loads several keys at once: L1 first, then one L2 round trip for the rest, then
@@ -502,6 +575,11 @@ where
         &self.inner.store
     }
 
+    /// The invalidation bus this cache listens on (its counters: [`invalidation::Bus::stats`]).
+    pub fn bus(&self) -> &invalidation::Bus {
+        &self.inner.bus
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> CacheStats {
         let c = &self.inner.counters;
@@ -521,6 +599,10 @@ where
             unlocked_loads: get(&c.unlocked_loads),
             l2_failures: get(&c.l2_failures),
             breaker_opened: self.inner.breaker.times_opened(),
+            invalidations_sent: get(&c.invalidations_sent),
+            invalidations_received: get(&c.invalidations_received),
+            invalidations_ignored: get(&c.invalidations_ignored),
+            gaps: get(&c.gaps),
             l1: self.inner.l1.stats(),
             l2: self.inner.store.stats(),
         }
@@ -594,6 +676,20 @@ where
         }
     }
 
+    /// Drops this node's L1 and detaches every load in flight.
+    pub(crate) fn invalidate_local(&self) {
+        self.loads.invalidate_all();
+        self.reads.invalidate_all();
+        self.l1.invalidate_all();
+    }
+
+    /// Detaches loads and reads in flight for `key` after another node announced write
+    /// `version`: their results reach L1 only if at least that new.
+    pub(crate) fn detach_below(&self, key: &str, version: u64) {
+        self.loads.invalidate_below(key, version);
+        self.reads.invalidate_below(key, version);
+    }
+
     /// Detaches loads and reads in flight for `key`: their results must not reach L1.
     pub(crate) fn detach(&self, key: &str) {
         self.loads.invalidate(key);
@@ -659,11 +755,12 @@ where
         opts: &EntryOptions,
         token: &FlightToken<Option<V>>,
     ) {
-        if opts.skip_l1 || token.is_invalidated() {
+        let version = entry.write_version();
+        if opts.skip_l1 || !token.admits(version) {
             return;
         }
         self.l1.insert(Arc::clone(key), entry).await;
-        if token.is_invalidated() {
+        if !token.admits(version) {
             self.l1.invalidate(&**key).await;
         }
     }
@@ -719,7 +816,9 @@ where
         }
         if !fallback.fresh {
             let throttle = opts.fail_safe_throttle;
-            let entry = self.entry(fallback.value.clone(), 0, throttle, throttle, opts);
+            let entry = self
+                .entry(fallback.value.clone(), 0, throttle, throttle, opts)
+                .version(fallback.version);
             self.fill(key, entry, opts, token).await;
         }
     }
@@ -1053,6 +1152,7 @@ where
         };
         let mut weight = 0;
         let mut may_fill = true;
+        let mut version = 0;
         match encoded {
             Ok(bytes) => {
                 weight = bytes.len();
@@ -1060,8 +1160,8 @@ where
                     let done = self.store.complete_lock(&lock, &bytes, life).await;
                     self.note_l2(done.as_ref().err());
                     match done {
-                        Ok(true) => {}
-                        Ok(false) => {
+                        Ok(Some(v)) => version = v,
+                        Ok(None) => {
                             // The lock passed on: a newer write (whose value must win) or a
                             // duplicate load. Do not put ours in L1 either.
                             bump(&self.counters.duplicate_loads);
@@ -1086,7 +1186,9 @@ where
         }
         drop(guard);
         if may_fill {
-            let entry = self.entry(value.clone(), weight, fresh, life, opts);
+            let entry = self
+                .entry(value.clone(), weight, fresh, life, opts)
+                .version(version);
             self.fill(key, entry, opts, token).await;
         }
         Ok(value)

@@ -26,6 +26,9 @@ struct Slot<V> {
 
 struct Shared<V> {
     invalidated: AtomicBool,
+    // The lowest write version this load may still put in L1: raised by announcements of
+    // newer versions from other nodes.
+    floor: AtomicU64,
     tx: watch::Sender<Outcome<V>>,
 }
 
@@ -45,6 +48,7 @@ impl<V> FlightToken<V> {
         let (tx, rx) = watch::channel(None);
         let token = FlightToken(Arc::new(Shared {
             invalidated: AtomicBool::new(false),
+            floor: AtomicU64::new(0),
             tx,
         }));
         (token, rx)
@@ -57,6 +61,16 @@ impl<V> FlightToken<V> {
 
     fn invalidate(&self) {
         self.0.invalidated.store(true, Ordering::Release);
+    }
+
+    /// Whether a result with write version `version` may still go into L1: the key was not
+    /// invalidated locally, and no newer version was announced since the load started.
+    pub(crate) fn admits(&self, version: u64) -> bool {
+        !self.is_invalidated() && version >= self.0.floor.load(Ordering::Acquire)
+    }
+
+    fn raise_floor(&self, version: u64) {
+        self.0.floor.fetch_max(version, Ordering::AcqRel);
     }
 
     /// Answers the waiters now, unless they were answered already; the load may go on.
@@ -108,6 +122,15 @@ impl<V> Flights<V> {
     pub(crate) fn invalidate(&self, key: &str) {
         if let Some(slot) = self.slots().remove(key) {
             slot.token.invalidate();
+        }
+    }
+
+    /// Detaches the flight of `key`, if any, after another node announced write `version`:
+    /// later callers start a new load, and the running one may still fill L1 only with a
+    /// result at least that new.
+    pub(crate) fn invalidate_below(&self, key: &str, version: u64) {
+        if let Some(slot) = self.slots().remove(key) {
+            slot.token.raise_floor(version);
         }
     }
 

@@ -84,6 +84,7 @@ mod batch;
 mod breaker;
 mod builder;
 mod cache;
+mod coherence;
 mod error;
 mod flight;
 mod options;

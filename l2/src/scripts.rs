@@ -1,0 +1,92 @@
+//! The Lua scripts that change an entry. Each touches one entry's keys only (the data key and
+//! its lock share a hash tag, so one Cluster slot), and each gives the entry a new **write
+//! version**: the previous one plus one, read from the entry's own header in Redis, so versions
+//! come from Redis's order of writes, never from a clock. Deletes leave a tombstone that keeps
+//! the version (and reads as a miss), so versions never go back while any node may still hold
+//! a copy of the old value.
+//!
+//! A script may announce the change: it appends the new version (8 bytes, little endian) to a
+//! message given by the caller and publishes it, in the same atomic step as the write, so no
+//! change exists without its announcement.
+
+use std::sync::LazyLock;
+
+/// Shared helpers, prepended to every script: `version_of(key)` reads the write version from
+/// an entry's header (0 if absent or not an entry); `pack(v)` is its 8-byte encoding;
+/// `announce(v, channel, message)` publishes `message .. pack(v)` unless the channel is empty.
+const LIB: &str = r"
+local function version_of(key)
+  local h = redis.call('GETRANGE', key, 0, 21)
+  if #h < 22 or string.sub(h, 1, 4) ~= '\193MLC' then return 0 end
+  local v = 0
+  for i = 22, 15, -1 do v = v * 256 + string.byte(h, i) end
+  return v
+end
+local function pack(v)
+  local t = {}
+  for i = 1, 8 do t[i] = string.char(v % 256); v = math.floor(v / 256) end
+  return table.concat(t)
+end
+local function announce(v, channel, message)
+  if channel ~= '' then redis.call('PUBLISH', channel, message .. pack(v)) end
+end
+";
+
+/// `KEYS[1]` data, `KEYS[2]` lock; `ARGV`: bytes, ttl ms, notice channel, announce channel,
+/// announce message. Writes, stamps the next version, breaks the lock, wakes lock waiters,
+/// announces. Returns the version.
+const OVERWRITE_BODY: &str = r"
+local v = version_of(KEYS[1]) + 1
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SETRANGE', KEYS[1], 14, pack(v))
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[3], KEYS[1])
+announce(v, ARGV[4], ARGV[5])
+return v
+";
+
+/// `KEYS[1]` data, `KEYS[2]` lock; `ARGV`: tombstone bytes, minimum ttl ms, notice channel,
+/// announce channel, announce message. Replaces the entry with a tombstone that lives at least
+/// as long as the old entry would have, stamps the next version, breaks the lock, wakes lock
+/// waiters, announces. Returns `{existed, version}`.
+const REMOVE_BODY: &str = r"
+local v = version_of(KEYS[1]) + 1
+local existed = 0
+local flags = redis.call('GETRANGE', KEYS[1], 5, 5)
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl ~= -2 and flags ~= '\4' then existed = 1 end
+local ttl = tonumber(ARGV[2])
+if pttl > ttl then ttl = pttl end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('SETRANGE', KEYS[1], 14, pack(v))
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[3], KEYS[1])
+announce(v, ARGV[4], ARGV[5])
+return {existed, v}
+";
+
+/// `KEYS[1]` lock, `KEYS[2]` data; `ARGV`: token, bytes, ttl ms, notice channel. While the
+/// lock holds the token: writes, stamps the next version, releases the lock, wakes waiters.
+/// Returns the version, or 0 if the lock was lost.
+const COMPLETE_BODY: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local v = version_of(KEYS[2]) + 1
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SETRANGE', KEYS[2], 14, pack(v))
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[4], KEYS[2])
+return v
+";
+
+fn script(body: &str) -> String {
+    format!("{LIB}{body}")
+}
+
+pub(crate) static OVERWRITE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&script(OVERWRITE_BODY)));
+pub(crate) static REMOVE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&script(REMOVE_BODY)));
+pub(crate) static COMPLETE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&script(COMPLETE_BODY)));
+/// The text of [`COMPLETE`], for pipelines of `EVAL` (a pipeline cannot load scripts).
+pub(crate) static COMPLETE_SRC: LazyLock<String> = LazyLock::new(|| script(COMPLETE_BODY));

@@ -1,0 +1,367 @@
+//! Coherence across nodes over the invalidation bus, against a real redis-server: writes evict
+//! other nodes' L1 within Δ, and every way of losing messages drops L1 instead of serving stale.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{SOON, builder, eventually};
+use invalidation::BusConfig;
+use testkit::RedisServer;
+use tiered::{EntryOptions, TieredCache};
+
+/// P = 100 ms, T = 200 ms: Δ = 300 ms.
+fn bus() -> BusConfig {
+    BusConfig::default()
+        .heartbeat(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_millis(200))
+}
+
+fn delta() -> Duration {
+    bus().bound()
+}
+
+async fn coherent_node(server: &RedisServer, namespace: &str) -> TieredCache<String> {
+    builder(server, namespace)
+        .bus_config(bus())
+        .l2_timeout(Duration::from_millis(200))
+        .default_options(
+            EntryOptions::new(Duration::from_secs(600)).hard_timeout(Duration::from_secs(2)),
+        )
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Reads `key` on `node` until it returns `expected`, for at most `within`.
+async fn reads_within(node: &TieredCache<String>, key: &str, expected: &str, within: Duration) {
+    let start = Instant::now();
+    loop {
+        if node.get(key).await.ok().flatten().as_deref() == Some(expected) {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{key} did not read {expected:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_evicts_every_other_nodes_copy_and_not_the_writers() {
+    let server = RedisServer::start();
+    let a = coherent_node(&server, "users").await;
+    let b = coherent_node(&server, "users").await;
+    let c = coherent_node(&server, "users").await;
+    b.set("1", &"v1".to_string()).await.unwrap();
+    for n in [&b, &c] {
+        assert_eq!(n.get("1").await.unwrap().as_deref(), Some("v1"));
+    }
+    // `a` never read the key: its write is announced all the same.
+    let version = a.set("1", &"v2".to_string()).await.unwrap();
+    assert_eq!(version, 2);
+    for n in [&b, &c] {
+        reads_within(n, "1", "v2", delta()).await;
+    }
+    let before = a.stats().l1_hits;
+    assert_eq!(a.get("1").await.unwrap().as_deref(), Some("v2"));
+    assert_eq!(
+        a.stats().l1_hits,
+        before + 1,
+        "the writer's own announcement does not evict its copy"
+    );
+    assert!(b.stats().invalidations_received >= 1);
+    // A delete is announced too.
+    c.invalidate("1").await.unwrap();
+    for n in [&a, &b] {
+        eventually(delta(), "the delete reaches every node", || async {
+            n.get("1").await.unwrap().is_none()
+        })
+        .await;
+    }
+    let stats = b.bus().stats();
+    assert!(stats.received >= 2 && stats.lag_samples >= 2, "{stats:?}");
+    assert_eq!(stats.malformed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_writes_end_with_the_last_version_in_thirty_rounds_of_thirty() {
+    let server = RedisServer::start();
+    let a = coherent_node(&server, "rapid").await;
+    let b = coherent_node(&server, "rapid").await;
+    let mut worst = Duration::ZERO;
+    for round in 0..30 {
+        let key = format!("k{round}");
+        a.set(&key, &"v0".to_string()).await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (b, key, stop) = (b.clone(), key.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = b.get(&key).await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        for v in 1..=20 {
+            a.set(&key, &format!("v{v}")).await.unwrap();
+        }
+        let acked = Instant::now();
+        // Within Δ of the last acknowledged write, b returns it (and keeps returning it).
+        reads_within(&b, &key, "v20", delta()).await;
+        worst = worst.max(acked.elapsed());
+        stop.store(true, Ordering::Relaxed);
+        reader.await.unwrap();
+        assert_eq!(
+            b.get(&key).await.unwrap().as_deref(),
+            Some("v20"),
+            "round {round}"
+        );
+    }
+    println!("rapid writes: 30/30 rounds; slowest until the last version was read: {worst:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_a_namespace_clears_it_everywhere_and_nothing_else() {
+    let server = RedisServer::start();
+    let ax = coherent_node(&server, "x").await;
+    let bx = coherent_node(&server, "x").await;
+    let by = coherent_node(&server, "y").await;
+    ax.set("k", &"x-value".to_string()).await.unwrap();
+    by.set("k", &"y-value".to_string()).await.unwrap();
+    assert_eq!(bx.get("k").await.unwrap().as_deref(), Some("x-value"));
+    let deleted = ax.clear().await.unwrap();
+    assert!(deleted >= 1);
+    eventually(delta(), "x is cleared on the other node", || async {
+        bx.get("k").await.unwrap().is_none()
+    })
+    .await;
+    let before = by.stats().l1_hits;
+    assert_eq!(by.get("k").await.unwrap().as_deref(), Some("y-value"));
+    assert_eq!(by.stats().l1_hits, before + 1, "y's L1 is untouched");
+    assert_eq!(by.stats().invalidations_received, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_subscriber_connection_drops_l1_and_it_comes_back() {
+    let server = RedisServer::start();
+    let a = coherent_node(&server, "kill").await;
+    let b = coherent_node(&server, "kill").await;
+    a.set("k", &"v1".to_string()).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    // Kill every pub/sub connection and write at once: the message may be lost.
+    server.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    a.set("k", &"v2".to_string()).await.unwrap();
+    reads_within(&b, "k", "v2", delta()).await;
+    eventually(SOON, "the gap is counted", || async { b.stats().gaps >= 1 }).await;
+    // The bus resubscribed: later changes arrive as messages, not only through L1 expiry.
+    eventually(SOON, "b's bus is back", || async {
+        b.bus().stats().connected
+    })
+    .await;
+    tokio::time::sleep(delta()).await;
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v2"));
+    let received = b.stats().invalidations_received;
+    a.set("k", &"v3".to_string()).await.unwrap();
+    reads_within(&b, "k", "v3", delta()).await;
+    assert!(b.stats().invalidations_received > received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_redis_is_noticed_by_the_heartbeat_and_l1_is_dropped() {
+    let mut server = RedisServer::start();
+    let b = coherent_node(&server, "stop").await;
+    b.set("k", &"v1".to_string()).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    server.pause();
+    // Longer than P + T: the heartbeat misses and L1 goes.
+    tokio::time::sleep(delta() * 2).await;
+    let stats = b.bus().stats();
+    assert!(
+        stats.heartbeats_missed >= 1 && !stats.connected,
+        "{stats:?}"
+    );
+    assert!(b.stats().gaps >= 1);
+    let err = b.get("k").await.unwrap_err();
+    assert!(
+        err.is_unavailable(),
+        "not served from L1 any more, and L2 cannot answer: {err:?}"
+    );
+    server.resume();
+    eventually(SOON, "the bus recovers", || async {
+        b.bus().stats().connected
+    })
+    .await;
+    eventually(SOON, "reads work again", || async {
+        b.get("k").await.ok().flatten().as_deref() == Some("v1")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_is_resubscribed_and_later_invalidations_arrive() {
+    let mut server = RedisServer::start();
+    let a = coherent_node(&server, "restart").await;
+    let b = coherent_node(&server, "restart").await;
+    a.set("k", &"v1".to_string()).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    server.restart();
+    // Redis came back empty; b's L1 copy must go (gap), not be served as if nothing happened.
+    eventually(SOON, "b noticed", || async { b.stats().gaps >= 1 }).await;
+    let mut n = 0;
+    eventually(SOON, "a can write again", || {
+        n += 1;
+        let a = a.clone();
+        async move { a.set("k", &format!("v2-{n}")).await.is_ok() }
+    })
+    .await;
+    let last = format!("v2-{n}");
+    reads_within(&b, "k", &last, SOON).await;
+    eventually(SOON, "b's bus is back", || async {
+        b.bus().stats().connected
+    })
+    .await;
+    tokio::time::sleep(delta()).await;
+    let received = b.stats().invalidations_received;
+    a.set("k", &"v3".to_string()).await.unwrap();
+    reads_within(&b, "k", "v3", delta()).await;
+    assert!(
+        b.stats().invalidations_received > received,
+        "the message path works after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_cut_off_by_the_output_buffer_limit_drops_l1() {
+    let server = RedisServer::start();
+    let a = coherent_node(&server, "slow").await;
+    let b = coherent_node(&server, "slow").await;
+    a.set("k", &"v1".to_string()).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    assert_eq!(
+        server.command(&[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 1kb 0 0"
+        ]),
+        "OK"
+    );
+    // One message larger than the limit: Redis closes every subscriber of the channel
+    // ("for overcoming of output buffer limits"), as it would a node that fell behind.
+    let big = "x".repeat(64 * 1024);
+    server.command(&["PUBLISH", "slow:!inval", &big]);
+    eventually(SOON, "the disconnect is a gap", || async {
+        b.stats().gaps >= 1
+    })
+    .await;
+    assert!(
+        server.log().contains("output buffer limits") || b.stats().gaps >= 1,
+        "{}",
+        server.log()
+    );
+    // Written while b was cut off: b must not keep serving v1.
+    assert_eq!(
+        server.command(&[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 32mb 8mb 60"
+        ]),
+        "OK"
+    );
+    a.set("k", &"v2".to_string()).await.unwrap();
+    reads_within(&b, "k", "v2", delta()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_and_forged_messages_are_skipped_and_the_listener_lives_on() {
+    let server = RedisServer::start();
+    let a = coherent_node(&server, "junk").await;
+    let b = coherent_node(&server, "junk").await;
+    a.set("k", &"v1".to_string()).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    for junk in [
+        "",
+        "hello",
+        "MLCI",
+        "MLCI\u{1}\u{1}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    ] {
+        server.command(&["PUBLISH", "junk:!inval", junk]);
+    }
+    eventually(SOON, "junk counted as malformed", || async {
+        b.bus().stats().malformed >= 4
+    })
+    .await;
+    // Still served from L1: junk evicts nothing.
+    let before = b.stats().l1_hits;
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    assert_eq!(b.stats().l1_hits, before + 1);
+    // A forged but well-formed message can at worst evict (a reload from L2 follows).
+    let forged = invalidation::message::encode(&invalidation::message::Message {
+        origin: 12345,
+        seq: 1,
+        sent_micros: invalidation::message::now_micros(),
+        action: invalidation::message::Action::Evict(vec![("k".into(), u64::MAX)]),
+    });
+    let mut conn = redis_conn(&server).await;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("junk:!inval")
+        .arg(forged)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eventually(SOON, "the forged eviction applied", || async {
+        b.stats().invalidations_received >= 1
+    })
+    .await;
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"), "reloaded");
+    // The listener is alive: a real change still arrives.
+    a.set("k", &"v2".to_string()).await.unwrap();
+    reads_within(&b, "k", "v2", delta()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_gap_from_a_writer_drops_l1() {
+    let server = RedisServer::start();
+    let b = coherent_node(&server, "seq").await;
+    b.set("k", &"v1".to_string()).await.unwrap();
+    let mut conn = redis_conn(&server).await;
+    for seq in [1, 3] {
+        // A writer whose message 2 never arrived.
+        let m = invalidation::message::encode(&invalidation::message::Message {
+            origin: 777,
+            seq,
+            sent_micros: invalidation::message::now_micros(),
+            action: invalidation::message::Action::Evict(vec![("other".into(), 1)]),
+        });
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("seq:!inval")
+            .arg(m)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    eventually(delta() * 3, "the missing number is a gap", || async {
+        b.stats().gaps >= 1
+    })
+    .await;
+    let before = b.stats().l2_hits;
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    assert_eq!(
+        b.stats().l2_hits,
+        before + 1,
+        "L1 was dropped: read from L2"
+    );
+}
+
+async fn redis_conn(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
