@@ -18,6 +18,8 @@
 //! server.resume();
 //! ```
 
+pub mod coherence;
+
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
