@@ -67,9 +67,19 @@
 //!   returns, this node reads the new state: loads of the key that started earlier are
 //!   detached (their results reach neither L1 nor, through the lock, L2), and later callers
 //!   never join them.
-//! - **On other nodes.** Until the invalidation bus lands, another node may serve its L1 copy
-//!   for up to [`EntryOptions::l1_time_to_live`] (default: the TTL) after a write; then it reads
-//!   L2 again. An L1 copy never outlives the L2 entry it was read from.
+//! - **On other nodes.** Every `set`, `invalidate` and `clear` announces itself on the
+//!   [`invalidation`] bus, from the same Lua script that changes L2 (no change without its
+//!   announcement). Other nodes evict their copy when the message arrives (about one loopback
+//!   round trip), unless they already hold that write version or a newer one; a fill in flight
+//!   that read an older version is dropped. When messages may have been lost (disconnect,
+//!   resubscribe, restarted server, missed heartbeat, sequence gap) a node drops its whole L1
+//!   for the namespace before serving another hit. So a read on any node never returns a value
+//!   older than the newest change acknowledged more than **Δ = max(propagation, P + T)**
+//!   before it (P, T: the bus heartbeat period and timeout, [`invalidation::BusConfig`]; about
+//!   1 s by default), and never older than [`EntryOptions::l1_time_to_live`] in any case.
+//!   Stale values served on purpose (stale-while-revalidate, fail-safe) are the exception the
+//!   options allow. A change made behind the cache's back (a raw `SET` in Redis) is seen after
+//!   the L1 time to live.
 //! - **In L2.** A load writes its result only while it holds the key's lock; a write or delete
 //!   breaks the lock, so a load that started before a write never overwrites it.
 //! - **Stale values** are served only inside the windows the options allow: stale-while-

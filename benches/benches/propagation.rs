@@ -1,0 +1,173 @@
+//! Invalidation propagation between two processes, beside a bare redis-rs publish→receive in
+//! the same run.
+//!
+//! Node A (this process) changes a key N times, 2 ms apart; node B (this binary re-run as a
+//! helper process) reads the key in a tight loop and records, for each new value, how long
+//! after A's write returned it first read it (A puts its clock in the value; both processes
+//! read the same host clock). The baseline: A publishes N messages with its clock on a bare
+//! channel, and B's bare redis-rs subscriber records when each arrives.
+//!
+//! `cargo bench -p benches --bench propagation`
+
+#![allow(missing_docs)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use invalidation::BusConfig;
+use tiered::{EntryOptions, TieredCache};
+
+const N: usize = 500;
+const GAP: Duration = Duration::from_millis(2);
+
+fn now_us() -> u64 {
+    invalidation::message::now_micros()
+}
+
+async fn node(url: &str) -> TieredCache<String> {
+    TieredCache::builder()
+        .namespace("propagation")
+        .redis_url(url)
+        .bus_config(BusConfig::default())
+        .default_options(EntryOptions::new(Duration::from_secs(600)))
+        .build()
+        .await
+        .unwrap()
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i] as f64
+}
+
+fn summary(name: &str, mut lags: Vec<u64>) -> (f64, f64) {
+    lags.sort_unstable();
+    let (p50, p99) = (percentile(&lags, 0.5), percentile(&lags, 0.99));
+    println!(
+        "{name:<40} n={:<5} p50 {:>8.1} µs   p99 {:>8.1} µs   max {:>8.1} µs",
+        lags.len(),
+        p50,
+        p99,
+        *lags.last().unwrap() as f64
+    );
+    (p50, p99)
+}
+
+/// Node B: the bare subscriber first, then the cache reader. Prints `LAG bare|tiered <µs>`.
+async fn helper(url: String) {
+    use futures_util::StreamExt;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("bare-propagation").await.unwrap();
+    let cache = node(&url).await;
+    cache.get("k").await.unwrap();
+    println!("READY");
+    let mut stream = pubsub.on_message();
+    let mut bare = Vec::with_capacity(N);
+    while bare.len() < N {
+        let msg = stream.next().await.unwrap();
+        let sent: u64 = msg.get_payload::<String>().unwrap().parse().unwrap();
+        bare.push(now_us().saturating_sub(sent));
+    }
+    drop(stream);
+    // Each new value seen counts once; a value overtaken before B saw it is simply skipped.
+    let mut tiered = Vec::with_capacity(N);
+    let mut last = 0usize;
+    while last <= N {
+        if let Ok(Some(v)) = cache.get("k").await {
+            let mut parts = v.split(':');
+            let i: usize = parts.next().unwrap().parse().unwrap();
+            if i > last {
+                let sent: u64 = parts.next().unwrap().parse().unwrap();
+                let now = now_us();
+                if last > 0 {
+                    tiered.push(now.saturating_sub(sent));
+                    println!("SEEN {i} {now}");
+                }
+                last = i;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    for l in bare {
+        println!("LAG bare {l}");
+    }
+    for l in tiered {
+        println!("LAG tiered {l}");
+    }
+}
+
+async fn driver() {
+    let server = testkit::RedisServer::start();
+    let url = server.url();
+    let a = node(&url).await;
+    a.set("k", &"0:0".to_string()).await.unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("PROPAGATION_HELPER_URL", &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("READY") {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    }
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..N {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("bare-propagation")
+            .arg(now_us().to_string())
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        tokio::time::sleep(GAP).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The value carries the time its write started; A also notes when each write returned.
+    let mut acked = vec![0u64; N + 2];
+    for (i, ack) in acked.iter_mut().enumerate().skip(1) {
+        a.set("k", &format!("{i}:{}", now_us())).await.unwrap();
+        *ack = now_us();
+        tokio::time::sleep(GAP).await;
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    child.wait().unwrap();
+    let (mut bare, mut tiered, mut from_ack) = (Vec::new(), Vec::new(), Vec::new());
+    for l in rest.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        match f.as_slice() {
+            ["LAG", "bare", v] => bare.push(v.parse().unwrap()),
+            ["LAG", "tiered", v] => tiered.push(v.parse().unwrap()),
+            ["SEEN", i, t] => {
+                let (i, t): (usize, u64) = (i.parse().unwrap(), t.parse().unwrap());
+                from_ack.push(t.saturating_sub(acked[i]));
+            }
+            _ => {}
+        }
+    }
+    println!("\npropagation between two processes, one run ({N} changes, {GAP:?} apart):");
+    let (bp50, bp99) = summary("bare redis-rs PUBLISH -> receive", bare);
+    let (tp50, tp99) = summary("TieredCache set starts on A -> get on B", tiered);
+    summary("TieredCache set returns on A -> get on B", from_ack);
+    println!(
+        "ratio p50 {:.2}x   p99 {:.2}x",
+        tp50 / bp50.max(1.0),
+        tp99 / bp99.max(1.0)
+    );
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    match std::env::var("PROPAGATION_HELPER_URL") {
+        Ok(url) => rt.block_on(helper(url)),
+        Err(_) => rt.block_on(driver()),
+    }
+}
