@@ -340,15 +340,25 @@ mod tests {
     async fn ten_thousand_callers_share_one_load() {
         let flights = Flights::<u64>::new();
         let loads = Arc::new(AtomicUsize::new(0));
+        let arrived = Arc::new(AtomicUsize::new(0));
         let barrier = Arc::new(Barrier::new(10_000));
         let mut tasks = Vec::new();
         for _ in 0..10_000 {
             let (flights, loads, barrier) = (flights.clone(), loads.clone(), barrier.clone());
+            let arrived = arrived.clone();
             tasks.push(tokio::spawn(async move {
                 barrier.wait().await;
+                // Counted in the same poll that joins the flight, so the load can wait until
+                // every caller has asked (a caller that asks after the load ended would
+                // rightly start another: there is no L1 here to answer it).
+                arrived.fetch_add(1, Ordering::SeqCst);
+                let all = arrived.clone();
                 flights
                     .run("k", WAIT, |_| async move {
                         loads.fetch_add(1, Ordering::SeqCst);
+                        while all.load(Ordering::SeqCst) < 10_000 {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Ok(7)
                     })
