@@ -55,7 +55,7 @@ fn l1_hit(c: &mut Criterion) {
             let e = l1::Entry::new("profiles", profile())
                 .weight(1024)
                 .time_to_live(Duration::from_secs(3600));
-            ours.insert(k.as_str(), e).await;
+            ours.insert(k.as_str(), e);
             bare.insert(k.clone(), Arc::new(profile())).await;
         }
     });
@@ -87,7 +87,7 @@ fn l1_hit(c: &mut Criterion) {
     });
     g.bench_function("ours", |b| {
         b.to_async(&rt)
-            .iter(|| async { black_box(ours.get(black_box(key)).await) })
+            .iter(|| async { black_box(ours.get(black_box(key))) })
     });
     g.bench_function("bare_moka", |b| {
         b.to_async(&rt)

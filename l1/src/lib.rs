@@ -1,5 +1,9 @@
-//! The in-process tier (L1) of the tiered cache: a [`moka::future::Cache`] bounded by a byte
+//! The in-process tier (L1) of the tiered cache: a [`moka::sync::Cache`] bounded by a byte
 //! budget, where each entry carries its own deadlines.
+//!
+//! Its calls are synchronous and never wait on anything but a short internal lock: moka's sync
+//! cache reads about 60 ns faster than its async one, and the tiered cache does its own
+//! single-flight, so it needs none of the async cache's `get_with`.
 //!
 //! What it is for: holding decoded values next to the code that reads them, so a hit is a hash
 //! lookup and an `Arc` clone (about 0.2 µs), never a decode, never a key allocation.
@@ -8,7 +12,6 @@
 //! knows nothing of Redis; `tiered` composes it with the Redis tier and owns those policies.
 //!
 //! ```
-//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use std::time::Duration;
 //! use l1::{Entry, LocalCache};
 //!
@@ -17,13 +20,12 @@
 //!     .weight(5)
 //!     .time_to_live(Duration::from_secs(30))
 //!     .fresh_for(Duration::from_secs(10));
-//! cache.insert("users:42", entry).await;
-//! let hit = cache.get("users:42").await.unwrap();
+//! cache.insert("users:42", entry);
+//! let hit = cache.get("users:42").unwrap();
 //! assert_eq!(hit.value(), "alice");
 //! assert!(hit.is_fresh());
 //! cache.invalidate_namespace("users").unwrap();
-//! assert!(cache.get("users:42").await.is_none());
-//! # });
+//! assert!(cache.get("users:42").is_none());
 //! ```
 //!
 //! # Consistency
@@ -248,7 +250,7 @@ impl LocalCacheBuilder {
         };
         let counters = Arc::new(Counters::default());
         let listener_counters = Arc::clone(&counters);
-        let inner = moka::future::Cache::builder()
+        let inner = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(move |key: &Arc<str>, entry: &Arc<Entry<V>>| -> u32 {
                 let bytes = u32::try_from(key.len())
@@ -306,7 +308,7 @@ impl<V> Expiry<Arc<str>, Arc<Entry<V>>> for PerEntryExpiry {
 ///
 /// Cheap to clone: clones share the same cache.
 pub struct LocalCache<V> {
-    inner: moka::future::Cache<Arc<str>, Arc<Entry<V>>>,
+    inner: moka::sync::Cache<Arc<str>, Arc<Entry<V>>>,
     counters: Arc<Counters>,
     jitter: Duration,
 }
@@ -345,33 +347,33 @@ impl LocalCache<()> {
 impl<V: Send + Sync + 'static> LocalCache<V> {
     /// The entry under `key`, if present and not expired. Allocates nothing; the returned
     /// `Arc` is a reference count increment.
-    pub async fn get<Q>(&self, key: &Q) -> Option<Arc<Entry<V>>>
+    pub fn get<Q>(&self, key: &Q) -> Option<Arc<Entry<V>>>
     where
         Arc<str>: Borrow<Q>,
         Q: std::hash::Hash + Eq + ?Sized,
     {
-        self.inner.get(key).await
+        self.inner.get(key)
     }
 
     /// Inserts `entry` under `key`, replacing what was there. The entry's deadline is fixed
     /// here: now + its time to live, less the jitter.
-    pub async fn insert(&self, key: impl Into<Arc<str>>, mut entry: Entry<V>) -> Arc<Entry<V>> {
+    pub fn insert(&self, key: impl Into<Arc<str>>, mut entry: Entry<V>) -> Arc<Entry<V>> {
         let now = Instant::now();
         let ttl = jittered(entry.ttl, self.jitter);
         entry.inserted_at = now;
         entry.expires_at = now + ttl;
         let entry = Arc::new(entry);
-        self.inner.insert(key.into(), Arc::clone(&entry)).await;
+        self.inner.insert(key.into(), Arc::clone(&entry));
         entry
     }
 
     /// Removes the entry under `key`, if any.
-    pub async fn invalidate<Q>(&self, key: &Q)
+    pub fn invalidate<Q>(&self, key: &Q)
     where
         Arc<str>: Borrow<Q>,
         Q: std::hash::Hash + Eq + ?Sized,
     {
-        self.inner.invalidate(key).await;
+        self.inner.invalidate(key);
     }
 
     /// Removes every entry. Entries inserted before the call are hidden at once.
@@ -396,8 +398,8 @@ impl<V: Send + Sync + 'static> LocalCache<V> {
     /// Runs moka's pending maintenance now: evictions to the budget, expirations, the eviction
     /// listener. moka also runs it during cache calls; call this on a timer when the cache is
     /// idle, or in tests before reading sizes.
-    pub async fn run_pending_tasks(&self) {
-        self.inner.run_pending_tasks().await;
+    pub fn run_pending_tasks(&self) {
+        self.inner.run_pending_tasks();
     }
 
     /// Entries held (lags until pending tasks run).
@@ -464,13 +466,10 @@ mod tests {
 
 #[cfg(test)]
 mod send_tests {
-    /// Every public future of this crate is `Send`.
+    /// The cache can be shared across threads and tasks.
     #[allow(dead_code)]
-    fn futures_are_send(cache: super::LocalCache<String>) {
-        fn is_send<T: Send>(_: &T) {}
-        is_send(&cache.get("k"));
-        is_send(&cache.insert("k", super::Entry::new("ns", String::new())));
-        is_send(&cache.invalidate("k"));
-        is_send(&cache.run_pending_tasks());
+    fn cache_is_send_and_sync(cache: super::LocalCache<String>) {
+        fn is_send_sync<T: Send + Sync>(_: &T) {}
+        is_send_sync(&cache);
     }
 }

@@ -18,20 +18,17 @@ fn per_entry_time_to_live_is_honored() {
         let cache: LocalCache<u32> = LocalCache::builder().build();
         let short = Entry::new("ns", 1).time_to_live(Duration::from_millis(100));
         let long = Entry::new("ns", 2).time_to_live(Duration::from_secs(30));
-        cache.insert("short", short).await;
-        cache.insert("long", long).await;
-        assert_eq!(*cache.get("short").await.unwrap().value(), 1);
+        cache.insert("short", short);
+        cache.insert("long", long);
+        assert_eq!(*cache.get("short").unwrap().value(), 1);
         tokio::time::sleep(Duration::from_millis(250)).await;
-        assert!(
-            cache.get("short").await.is_none(),
-            "short entry outlived its TTL"
-        );
-        assert_eq!(*cache.get("long").await.unwrap().value(), 2);
+        assert!(cache.get("short").is_none(), "short entry outlived its TTL");
+        assert_eq!(*cache.get("long").unwrap().value(), 2);
         // moka's timer wheel removes expired entries (and tells the listener) at ~1 s
         // granularity: poll, bounded.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while cache.stats().expired == 0 && std::time::Instant::now() < deadline {
-            cache.run_pending_tasks().await;
+            cache.run_pending_tasks();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(cache.stats().expired, 1);
@@ -45,12 +42,11 @@ fn freshness_window_inside_the_lifetime() {
         let e = Entry::new("ns", 7)
             .time_to_live(Duration::from_secs(30))
             .fresh_for(Duration::from_millis(50));
-        cache.insert("k", e).await;
-        assert!(cache.get("k").await.unwrap().is_fresh());
+        cache.insert("k", e);
+        assert!(cache.get("k").unwrap().is_fresh());
         tokio::time::sleep(Duration::from_millis(100)).await;
         let hit = cache
             .get("k")
-            .await
             .expect("stale entries stay until their deadline");
         assert!(!hit.is_fresh());
     });
@@ -64,9 +60,9 @@ fn byte_budget_holds_after_ten_times_the_budget() {
         for i in 0..1000 {
             let value = vec![0u8; 1024];
             let e = Entry::new("ns", value).weight(1024);
-            cache.insert(format!("key-{i}"), e).await;
+            cache.insert(format!("key-{i}"), e);
         }
-        cache.run_pending_tasks().await;
+        cache.run_pending_tasks();
         let stats = cache.stats();
         assert!(
             stats.weighted_size <= budget,
@@ -82,11 +78,9 @@ fn byte_budget_holds_after_ten_times_the_budget() {
 fn weight_survives_and_counts_key_plus_value() {
     rt().block_on(async {
         let cache: LocalCache<String> = LocalCache::builder().build();
-        cache
-            .insert("abcd", Entry::new("ns", "x".to_string()).weight(96))
-            .await;
-        cache.run_pending_tasks().await;
-        assert_eq!(cache.get("abcd").await.unwrap().weight_bytes(), 96);
+        cache.insert("abcd", Entry::new("ns", "x".to_string()).weight(96));
+        cache.run_pending_tasks();
+        assert_eq!(cache.get("abcd").unwrap().weight_bytes(), 96);
         assert_eq!(cache.weighted_size(), 100);
     });
 }
@@ -99,11 +93,9 @@ fn entry_bound_applies_with_the_byte_budget() {
             .max_entries(50)
             .build();
         for i in 0..500 {
-            cache
-                .insert(format!("k{i}"), Entry::new("ns", 0).weight(1))
-                .await;
+            cache.insert(format!("k{i}"), Entry::new("ns", 0).weight(1));
         }
-        cache.run_pending_tasks().await;
+        cache.run_pending_tasks();
         assert!(cache.entry_count() <= 50, "{} entries", cache.entry_count());
     });
 }
@@ -114,20 +106,16 @@ fn namespace_invalidation_is_exact_even_with_glob_characters() {
         let cache: LocalCache<u32> = LocalCache::builder().build();
         let namespaces = ["a", "a*", "a?", "a[", "a:b", "a:", "*", "ab"];
         for (i, ns) in namespaces.iter().enumerate() {
-            cache
-                .insert(format!("{ns}|key"), Entry::new(*ns, i as u32))
-                .await;
+            cache.insert(format!("{ns}|key"), Entry::new(*ns, i as u32));
         }
         for victim in namespaces {
             let cache2: LocalCache<u32> = LocalCache::builder().build();
             for (i, ns) in namespaces.iter().enumerate() {
-                cache2
-                    .insert(format!("{ns}|key"), Entry::new(*ns, i as u32))
-                    .await;
+                cache2.insert(format!("{ns}|key"), Entry::new(*ns, i as u32));
             }
             cache2.invalidate_namespace(victim).unwrap();
             for ns in namespaces {
-                let present = cache2.get(format!("{ns}|key").as_str()).await.is_some();
+                let present = cache2.get(format!("{ns}|key").as_str()).is_some();
                 assert_eq!(
                     present,
                     ns != victim,
@@ -137,8 +125,8 @@ fn namespace_invalidation_is_exact_even_with_glob_characters() {
         }
         // Entries inserted after the clear are not hidden by it.
         cache.invalidate_namespace("a*").unwrap();
-        cache.insert("a*|key", Entry::new("a*", 99)).await;
-        assert_eq!(*cache.get("a*|key").await.unwrap().value(), 99);
+        cache.insert("a*|key", Entry::new("a*", 99));
+        assert_eq!(*cache.get("a*|key").unwrap().value(), 99);
     });
 }
 
@@ -147,21 +135,21 @@ fn invalidate_and_invalidate_all_count() {
     rt().block_on(async {
         let cache: LocalCache<u32> = LocalCache::builder().build();
         for i in 0..10 {
-            cache.insert(format!("k{i}"), Entry::new("ns", i)).await;
+            cache.insert(format!("k{i}"), Entry::new("ns", i));
         }
-        cache.invalidate("k0").await;
-        assert!(cache.get("k0").await.is_none());
+        cache.invalidate("k0");
+        assert!(cache.get("k0").is_none());
         cache.invalidate_all();
         for i in 1..10 {
-            assert!(cache.get(format!("k{i}").as_str()).await.is_none());
+            assert!(cache.get(format!("k{i}").as_str()).is_none());
         }
-        cache.run_pending_tasks().await;
+        cache.run_pending_tasks();
         assert_eq!(cache.stats().invalidated, 10);
-        cache.insert("k1", Entry::new("ns", 1)).await;
-        cache.insert("k1", Entry::new("ns", 2)).await;
-        cache.run_pending_tasks().await;
+        cache.insert("k1", Entry::new("ns", 1));
+        cache.insert("k1", Entry::new("ns", 2));
+        cache.run_pending_tasks();
         assert_eq!(cache.stats().replaced, 1);
-        assert_eq!(*cache.get("k1").await.unwrap().value(), 2);
+        assert_eq!(*cache.get("k1").unwrap().value(), 2);
     });
 }
 
@@ -169,10 +157,8 @@ fn invalidate_and_invalidate_all_count() {
 fn a_hit_shares_the_stored_value() {
     rt().block_on(async {
         let cache: LocalCache<Vec<u8>> = LocalCache::builder().build();
-        let stored = cache
-            .insert("k", Entry::new("ns", vec![1, 2, 3]).version(9))
-            .await;
-        let hit = cache.get("k").await.unwrap();
+        let stored = cache.insert("k", Entry::new("ns", vec![1, 2, 3]).version(9));
+        let hit = cache.get("k").unwrap();
         assert!(
             std::sync::Arc::ptr_eq(&stored, &hit),
             "a hit must not copy the value"

@@ -39,10 +39,10 @@ where
             continue;
         }
         if !opts.skip_l1
-            && let Some(entry) = inner.l1.get(key).await
+            && let Some(entry) = inner.l1.get(key)
             && entry.is_fresh()
         {
-            bump(&inner.counters.l1_hits);
+            inner.counters.l1_hits.bump();
             if let Some(v) = entry.value().value.clone() {
                 out.insert(key.to_string(), v);
             }

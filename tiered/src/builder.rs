@@ -288,7 +288,11 @@ fn spawn_maintenance<V: Send + Sync + 'static>(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => l1.run_pending_tasks().await,
+                _ = tick.tick() => {
+                    // Maintenance can take a while under heavy writes: off the async workers.
+                    let l1 = l1.clone();
+                    let _ = tokio::task::spawn_blocking(move || l1.run_pending_tasks()).await;
+                }
                 _ = closed.changed() => return,
             }
         }

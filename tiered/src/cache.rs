@@ -116,7 +116,7 @@ impl<V: Clone> Fallback<V> {
 
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) l1_hits: AtomicU64,
+    pub(crate) l1_hits: Striped,
     pub(crate) l2_hits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) loads: AtomicU64,
@@ -137,6 +137,32 @@ pub(crate) struct Counters {
 
 pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+const STRIPES: usize = 8;
+
+/// A counter bumped on the hot path by many threads at once: one cache line per stripe and a
+/// stripe per thread, so L1 hits on several cores do not fight over one line.
+#[derive(Debug, Default)]
+pub(crate) struct Striped([Padded; STRIPES]);
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+impl Striped {
+    pub(crate) fn bump(&self) {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        thread_local! {
+            static STRIPE: usize = (NEXT.fetch_add(1, Ordering::Relaxed) as usize) % STRIPES;
+        }
+        let i = STRIPE.with(|s| *s);
+        self.0[i].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sum(&self) -> u64 {
+        self.0.iter().map(|p| p.0.load(Ordering::Relaxed)).sum()
+    }
 }
 
 /// A snapshot of a cache's counters, from [`TieredCache::stats`].
@@ -441,7 +467,7 @@ where
                 }
                 Err(e) => {
                     inner.detach(key);
-                    inner.l1.invalidate(key).await;
+                    inner.l1.invalidate(key);
                     return Err(e.into());
                 }
             }
@@ -453,7 +479,7 @@ where
             let entry = inner
                 .entry(Some(value.clone()), bytes.len(), fresh, life, &options)
                 .version(version);
-            inner.l1.insert(Arc::<str>::from(key), entry).await;
+            inner.l1.insert(Arc::<str>::from(key), entry);
         }
         Ok(version)
     }
@@ -470,7 +496,7 @@ where
     pub async fn invalidate(&self, key: &str) -> Result<u64> {
         let inner = &self.inner;
         inner.detach(key);
-        inner.l1.invalidate(key).await;
+        inner.l1.invalidate(key);
         let message = inner.publisher.evict(key);
         let announce = Announce {
             channel: inner.publisher.channel(),
@@ -486,7 +512,7 @@ where
             .await;
         inner.note_l2(removed.as_ref().err());
         inner.detach(key);
-        inner.l1.invalidate(key).await;
+        inner.l1.invalidate(key);
         let removal = removed?;
         bump(&inner.counters.invalidations_sent);
         Ok(removal.version)
@@ -585,7 +611,7 @@ where
         let c = &self.inner.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
-            l1_hits: get(&c.l1_hits),
+            l1_hits: c.l1_hits.sum(),
             l2_hits: get(&c.l2_hits),
             misses: get(&c.misses),
             loads: get(&c.loads),
@@ -667,9 +693,9 @@ where
         if options.skip_l1 {
             return Err(None);
         }
-        match self.l1.get(key).await {
+        match self.l1.get(key) {
             Some(entry) if entry.is_fresh() => {
-                bump(&self.counters.l1_hits);
+                self.counters.l1_hits.bump();
                 Ok(entry.value().value.clone())
             }
             other => Err(other),
@@ -759,9 +785,9 @@ where
         if opts.skip_l1 || !token.admits(version) {
             return;
         }
-        self.l1.insert(Arc::clone(key), entry).await;
+        self.l1.insert(Arc::clone(key), entry);
         if !token.admits(version) {
-            self.l1.invalidate(&**key).await;
+            self.l1.invalidate(&**key);
         }
     }
 

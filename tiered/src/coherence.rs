@@ -44,13 +44,13 @@ where
                 }
                 // A fill in flight may carry the value from before this change.
                 inner.detach_below(&e.key, e.version);
-                if let Some(entry) = inner.l1.get(e.key.as_str()).await
+                if let Some(entry) = inner.l1.get(e.key.as_str())
                     && entry.write_version() >= e.version
                 {
                     bump(&c.invalidations_ignored);
                     continue;
                 }
-                inner.l1.invalidate(e.key.as_str()).await;
+                inner.l1.invalidate(e.key.as_str());
                 bump(&c.invalidations_received);
             }
         }

@@ -243,6 +243,14 @@ impl<V> Waiter<V> {
     }
 }
 
+impl<V> Waiter<V> {
+    fn aborted(&self) -> Error {
+        Error::LoadAborted {
+            key: self.key.to_string(),
+        }
+    }
+}
+
 impl<V: Clone> Waiter<V> {
     /// Waits at most `within` for the flight's answer.
     ///
@@ -266,8 +274,13 @@ impl<V: Clone> Waiter<V> {
 }
 
 impl<V: Clone + Send + Sync + 'static> Flights<V> {
-    /// Joins the load of `key` in flight, or starts one with `load` on its own task, then waits
-    /// at most `wait` for its answer.
+    /// Joins the load of `key` in flight, or leads one, then waits at most `wait` for its
+    /// answer.
+    ///
+    /// A leader runs the load on its own task (no spawn, no thread hop: an L2 read costs one
+    /// round trip) and hands it to a task of its own as soon as it stops waiting for it: an
+    /// early answer (a stale value served while the load goes on), its deadline, or its
+    /// cancellation. So no caller owns a load: followers never lose it.
     ///
     /// # Errors
     /// As [`Waiter::wait`].
@@ -281,11 +294,51 @@ impl<V: Clone + Send + Sync + 'static> Flights<V> {
         F: FnOnce(FlightToken<V>) -> Fut,
         Fut: Future<Output = Result<V>> + Send + 'static,
     {
-        let (waiter, claim) = self.join_or_claim(key);
-        if let Some(claim) = claim {
-            spawn_claimed(claim, load);
+        let (mut waiter, claim) = self.join_or_claim(key);
+        let Some(claim) = claim else {
+            return waiter.wait(wait).await;
+        };
+        let body: Body<V> = Box::pin(load(claim.token()));
+        let mut leader = Leader {
+            body: Some(body),
+            claim: Some(claim),
+        };
+        enum Step<V> {
+            Done(Result<V>),
+            Answered(Result<V>),
+            TimedOut,
         }
-        waiter.wait(wait).await
+        let aborted = waiter.aborted();
+        let panicked = waiter.aborted();
+        let step = {
+            let Some(body) = leader.body.as_mut() else {
+                unreachable!("set above")
+            };
+            tokio::select! {
+                biased;
+                r = CatchUnwind(body) => Step::Done(r.unwrap_or(Err(panicked))),
+                a = waiter.rx.wait_for(Option::is_some) => Step::Answered(match a {
+                    Ok(outcome) => outcome.clone().unwrap_or(Err(aborted)),
+                    Err(_) => Err(aborted),
+                }),
+                () = tokio::time::sleep(wait) => Step::TimedOut,
+            }
+        };
+        match step {
+            Step::Done(r) => {
+                leader.body = None;
+                if let Some(claim) = leader.claim.take() {
+                    claim.finish(r.clone());
+                }
+                r
+            }
+            // The load goes on in its own task (`Leader::drop`).
+            Step::Answered(r) => r,
+            Step::TimedOut => Err(Error::WaitTimeout {
+                key: key.to_string(),
+                waited: wait,
+            }),
+        }
     }
 
     /// Starts a load of `key` on its own task unless one is in flight; does not wait.
@@ -305,6 +358,49 @@ impl<V: Clone + Send + Sync + 'static> Flights<V> {
             }
             (_, None) => false,
         }
+    }
+}
+
+type Body<V> = std::pin::Pin<Box<dyn Future<Output = Result<V>> + Send>>;
+
+/// Polls a load and turns a panic into `Err`, so a panicking load led inline fails its
+/// waiters with `LoadAborted` instead of unwinding through the leader's caller.
+struct CatchUnwind<'a, V>(&'a mut Body<V>);
+
+impl<V> Future for CatchUnwind<'_, V> {
+    type Output = std::thread::Result<Result<V>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let body = &mut *self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Ready(r)) => std::task::Poll::Ready(Ok(r)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// A load led by a caller's task. If the caller stops polling it before it ends, the rest
+/// runs on a task of its own, so the followers still get its answer.
+struct Leader<V: Send + Sync + 'static> {
+    body: Option<Body<V>>,
+    claim: Option<Claim<V>>,
+}
+
+impl<V: Send + Sync + 'static> Drop for Leader<V> {
+    fn drop(&mut self) {
+        if let (Some(body), Some(claim)) = (self.body.take(), self.claim.take())
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let outcome = body.await;
+                claim.finish(outcome);
+            });
+        }
+        // Without a runtime the claim is dropped here: its waiters get `LoadAborted`.
     }
 }
 
