@@ -5,6 +5,15 @@
 //!   `l2::RedisStore::get` (`ours`: one round trip + envelope checks + decode) vs a bare
 //!   redis-rs `GET` of the same bytes plus `rmp_serde` decode.
 //!
+//! - `miss_load`: a cold key with a no-op loader vs a bare `SET` + `GET`.
+//! - `swr_stale_hit`: a read inside the stale-while-revalidate window vs an L1 hit.
+//! - `contention`: 1,000 tasks on one cold key (one load) vs 1,000 no-op tasks.
+//! - `batch`: `get_or_set_many` of 100 keys vs 100 single reads vs a bare `MGET` + decode.
+//! - `throughput_l1` / `throughput_l2`: hits per second on a 2-thread runtime, beside bare
+//!   moka and bare redis-rs.
+//!
+//! Invalidation propagation between two processes is the `propagation` bench.
+//!
 //! `cargo bench -p benches --bench tiers`
 
 #![allow(missing_docs)]
@@ -161,5 +170,395 @@ fn l2_hit(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, l1_hit, l2_hit);
+async fn cache<V>(url: &str, namespace: &str, opts: tiered::EntryOptions) -> tiered::TieredCache<V>
+where
+    V: Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    tiered::TieredCache::builder()
+        .namespace(namespace)
+        .redis_url(url)
+        .default_options(opts)
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn raw_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        .unwrap()
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    redis::Client::open(info)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// A cold key with a no-op loader (L2 miss, lock, load, conditional write) vs a bare SET + GET.
+fn miss_load(c: &mut Criterion) {
+    let rt = runtime();
+    let server = testkit::RedisServer::start();
+    let opts = tiered::EntryOptions::new(Duration::from_secs(3600));
+    let (ours, raw) = rt.block_on(async {
+        (
+            cache::<Arc<Profile>>(&server.url(), "miss", opts).await,
+            raw_conn(&server.url()).await,
+        )
+    });
+    let value = Arc::new(profile());
+    let bytes = rmp_serde::to_vec_named(&profile()).unwrap();
+    let mut g = c.benchmark_group("miss_load");
+    let n = std::sync::atomic::AtomicU64::new(0);
+    g.bench_function("tiered", |b| {
+        b.to_async(&rt).iter(|| {
+            let key = format!("k{}", n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let (ours, value) = (&ours, Arc::clone(&value));
+            async move {
+                black_box(
+                    ours.get_or_set(&key, move || async move { Ok::<_, std::io::Error>(value) })
+                        .await
+                        .unwrap(),
+                )
+            }
+        })
+    });
+    g.bench_function("bare_set_get", |b| {
+        b.to_async(&rt).iter(|| {
+            let key = format!(
+                "bare{}",
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            let (mut conn, bytes) = (raw.clone(), bytes.as_slice());
+            async move {
+                let _: () = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(bytes)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let got: Vec<u8> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(got)
+            }
+        })
+    });
+    g.finish();
+}
+
+/// A read inside the stale-while-revalidate window (a refresh already running) vs an L1 hit.
+fn swr_stale_hit(c: &mut Criterion) {
+    let rt = runtime();
+    let server = testkit::RedisServer::start();
+    let fresh_opts = tiered::EntryOptions::new(Duration::from_secs(3600));
+    let stale_opts = tiered::EntryOptions::new(Duration::from_millis(1))
+        .stale_while_revalidate(Duration::from_secs(3600));
+    let (fresh, stale) = rt.block_on(async {
+        let fresh = cache::<Arc<Profile>>(&server.url(), "fresh", fresh_opts).await;
+        let stale = cache::<Arc<Profile>>(&server.url(), "stale", stale_opts).await;
+        fresh.set("k", &Arc::new(profile())).await.unwrap();
+        stale.set("k", &Arc::new(profile())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Start a refresh that never ends: every read below is a stale hit.
+        stale
+            .get_or_set("k", || async {
+                tokio::time::sleep(Duration::from_secs(86_400)).await;
+                Ok::<_, std::io::Error>(Arc::new(profile()))
+            })
+            .await
+            .unwrap();
+        (fresh, stale)
+    });
+    let never = || async { Err::<Arc<Profile>, _>(std::io::Error::other("not called")) };
+    let mut g = c.benchmark_group("swr_stale_hit");
+    g.bench_function("stale_hit", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(stale.get_or_set(black_box("k"), never).await.unwrap()) })
+    });
+    g.bench_function("l1_hit", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(fresh.get_or_set(black_box("k"), never).await.unwrap()) })
+    });
+    g.finish();
+    assert!(stale.stats().stale_served > 0 && stale.stats().refreshes == 1);
+}
+
+/// 1,000 tasks on one cold key: time until all are answered (the loader must run once), vs
+/// the same 1,000 tasks spawned and joined doing nothing.
+fn contention(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = testkit::RedisServer::start();
+    let opts = tiered::EntryOptions::new(Duration::from_secs(3600));
+    let ours = rt.block_on(cache::<u64>(&server.url(), "contention", opts));
+    let loads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let mut g = c.benchmark_group("contention");
+    g.sample_size(20);
+    g.bench_function("tiered_1000_callers", |b| {
+        b.to_async(&rt).iter(|| {
+            let key = format!("k{}", n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let (ours, loads) = (ours.clone(), Arc::clone(&loads));
+            async move {
+                let mut tasks = Vec::with_capacity(1000);
+                for _ in 0..1000 {
+                    let (ours, loads, key) = (ours.clone(), Arc::clone(&loads), key.clone());
+                    tasks.push(tokio::spawn(async move {
+                        ours.get_or_set(&key, move || async move {
+                            loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            Ok::<_, std::io::Error>(7u64)
+                        })
+                        .await
+                        .unwrap()
+                    }));
+                }
+                for t in tasks {
+                    black_box(t.await.unwrap());
+                }
+            }
+        })
+    });
+    g.bench_function("spawn_join_1000_noop", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut tasks = Vec::with_capacity(1000);
+            for _ in 0..1000 {
+                tasks.push(tokio::spawn(async { black_box(7u64) }));
+            }
+            for t in tasks {
+                black_box(t.await.unwrap());
+            }
+        })
+    });
+    g.finish();
+    let keys = n.load(std::sync::atomic::Ordering::Relaxed);
+    let loaded = loads.load(std::sync::atomic::Ordering::Relaxed);
+    println!("contention: {keys} cold keys x 1,000 callers, {loaded} loads");
+    assert_eq!(keys, loaded, "exactly one load per cold key");
+}
+
+/// 100 keys from L2: one `get_or_set_many` vs 100 single reads vs a bare MGET + decode.
+fn batch(c: &mut Criterion) {
+    let rt = runtime();
+    let server = testkit::RedisServer::start();
+    let opts = tiered::EntryOptions::new(Duration::from_secs(3600)).skip_l1(true);
+    let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+    let bare_keys: Vec<String> = (0..100).map(|i| format!("bare{i}")).collect();
+    let (ours, mut raw) = rt.block_on(async {
+        let ours = cache::<Arc<Profile>>(&server.url(), "batch", opts).await;
+        let mut raw = raw_conn(&server.url()).await;
+        let bytes = rmp_serde::to_vec_named(&profile()).unwrap();
+        for (k, b) in keys.iter().zip(&bare_keys) {
+            ours.set(k, &Arc::new(profile())).await.unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(b)
+                .arg(bytes.as_slice())
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+        (ours, raw)
+    });
+    let mut g = c.benchmark_group("batch");
+    g.bench_function("get_or_set_many_100", |b| {
+        b.to_async(&rt).iter(|| async {
+            let got = ours
+                .get_or_set_many(&keys, |_missing: Vec<String>| async {
+                    Err::<Vec<(String, Arc<Profile>)>, _>(std::io::Error::other("all cached"))
+                })
+                .await
+                .unwrap();
+            assert_eq!(got.len(), 100);
+        })
+    });
+    g.bench_function("single_gets_100", |b| {
+        b.to_async(&rt).iter(|| async {
+            for k in &keys {
+                black_box(ours.get(k).await.unwrap());
+            }
+        })
+    });
+    g.bench_function("bare_mget_decode_100", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut conn = raw.clone();
+            let bare_keys = &bare_keys;
+            async move {
+                let all: Vec<Vec<u8>> = redis::cmd("MGET")
+                    .arg(bare_keys)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                for bytes in all {
+                    black_box(rmp_serde::from_slice::<Profile>(&bytes).unwrap());
+                }
+            }
+        })
+    });
+    g.finish();
+    let _ = &mut raw;
+}
+
+/// Throughput: L1 hits on a 2-thread runtime (2 tasks), and L2 hits with 64 in flight, each
+/// beside its bare baseline.
+fn throughput(c: &mut Criterion) {
+    use criterion::Throughput;
+    const IN_FLIGHT: usize = 64;
+    const PER_TASK: usize = 20;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = testkit::RedisServer::start();
+    let (l1, l2, raw) = rt.block_on(async {
+        let l1 = cache::<Arc<Profile>>(
+            &server.url(),
+            "tp-l1",
+            tiered::EntryOptions::new(Duration::from_secs(3600)),
+        )
+        .await;
+        let l2 = cache::<Profile>(
+            &server.url(),
+            "tp-l2",
+            tiered::EntryOptions::new(Duration::from_secs(3600)).skip_l1(true),
+        )
+        .await;
+        l1.set("k", &Arc::new(profile())).await.unwrap();
+        let mut raw = raw_conn(&server.url()).await;
+        let bytes = rmp_serde::to_vec_named(&profile()).unwrap();
+        // One key per task: concurrent reads of one key would share a single L2 read.
+        for t in 0..IN_FLIGHT {
+            l2.set(&format!("k{t}"), &profile()).await.unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(format!("bare{t}"))
+                .arg(bytes.as_slice())
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+        }
+        (l1, l2, raw)
+    });
+    let bare: moka::future::Cache<String, Arc<Profile>> =
+        moka::future::Cache::builder().max_capacity(100_000).build();
+    rt.block_on(bare.insert("k".to_string(), Arc::new(profile())));
+
+    const L1_OPS: u64 = 200_000;
+    let mut g = c.benchmark_group("throughput_l1");
+    g.throughput(Throughput::Elements(L1_OPS));
+    g.sample_size(20);
+    g.bench_function("tiered_2_tasks", |b| {
+        b.to_async(&rt).iter(|| {
+            let l1 = l1.clone();
+            async move {
+                let tasks: Vec<_> = (0..2)
+                    .map(|_| {
+                        let l1 = l1.clone();
+                        tokio::spawn(async move {
+                            for _ in 0..L1_OPS / 2 {
+                                black_box(
+                                    l1.get_or_set("k", || async {
+                                        Err::<Arc<Profile>, _>(std::io::Error::other("no"))
+                                    })
+                                    .await
+                                    .unwrap(),
+                                );
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            }
+        })
+    });
+    g.bench_function("bare_moka_2_tasks", |b| {
+        b.to_async(&rt).iter(|| {
+            let bare = bare.clone();
+            async move {
+                let tasks: Vec<_> = (0..2)
+                    .map(|_| {
+                        let bare = bare.clone();
+                        tokio::spawn(async move {
+                            for _ in 0..L1_OPS / 2 {
+                                black_box(bare.get("k").await);
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            }
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("throughput_l2");
+    g.throughput(Throughput::Elements((IN_FLIGHT * PER_TASK) as u64));
+    g.sample_size(20);
+    g.bench_function("tiered_64_in_flight", |b| {
+        b.to_async(&rt).iter(|| {
+            let l2 = l2.clone();
+            async move {
+                let tasks: Vec<_> = (0..IN_FLIGHT)
+                    .map(|t| {
+                        let l2 = l2.clone();
+                        let key = format!("k{t}");
+                        tokio::spawn(async move {
+                            for _ in 0..PER_TASK {
+                                black_box(l2.get(&key).await.unwrap());
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            }
+        })
+    });
+    g.bench_function("bare_64_in_flight", |b| {
+        b.to_async(&rt).iter(|| {
+            let raw = raw.clone();
+            async move {
+                let tasks: Vec<_> = (0..IN_FLIGHT)
+                    .map(|t| {
+                        let mut conn = raw.clone();
+                        let key = format!("bare{t}");
+                        tokio::spawn(async move {
+                            for _ in 0..PER_TASK {
+                                let bytes: Vec<u8> = redis::cmd("GET")
+                                    .arg(&key)
+                                    .query_async(&mut conn)
+                                    .await
+                                    .unwrap();
+                                black_box(rmp_serde::from_slice::<Profile>(&bytes).unwrap());
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    l1_hit,
+    l2_hit,
+    miss_load,
+    swr_stale_hit,
+    contention,
+    batch,
+    throughput
+);
 criterion_main!(benches);

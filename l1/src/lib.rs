@@ -71,6 +71,8 @@ pub struct Entry<V> {
     // Set by `LocalCache::insert` from `ttl` and the jitter.
     inserted_at: Instant,
     expires_at: Instant,
+    // Kept precomputed: a hit checks it with one clock read and one comparison.
+    fresh_until: Instant,
 }
 
 impl<V: fmt::Debug> fmt::Debug for Entry<V> {
@@ -103,6 +105,21 @@ impl<V> Entry<V> {
             version: 0,
             inserted_at: now,
             expires_at: now,
+            fresh_until: now,
+        }
+    }
+
+    /// Fixes the deadlines for an insertion at `now` that lives `ttl`.
+    fn stamp(&mut self, now: Instant, ttl: Duration) {
+        self.inserted_at = now;
+        self.expires_at = now + ttl;
+        self.fresh_until = self.compute_fresh_until();
+    }
+
+    fn compute_fresh_until(&self) -> Instant {
+        match self.fresh_for {
+            Some(f) => (self.inserted_at + f).min(self.expires_at),
+            None => self.expires_at,
         }
     }
 
@@ -126,6 +143,7 @@ impl<V> Entry<V> {
     /// live. Default: the whole time to live.
     pub fn fresh_for(mut self, fresh: Duration) -> Self {
         self.fresh_for = Some(fresh);
+        self.fresh_until = self.compute_fresh_until();
         self
     }
 
@@ -167,15 +185,12 @@ impl<V> Entry<V> {
 
     /// Until when the entry is fresh (never after [`Entry::expires_at`]).
     pub fn fresh_until(&self) -> Instant {
-        match self.fresh_for {
-            Some(f) => (self.inserted_at + f).min(self.expires_at),
-            None => self.expires_at,
-        }
+        self.fresh_until
     }
 
     /// Whether the entry is still fresh now.
     pub fn is_fresh(&self) -> bool {
-        Instant::now() < self.fresh_until()
+        Instant::now() < self.fresh_until
     }
 }
 
@@ -358,10 +373,8 @@ impl<V: Send + Sync + 'static> LocalCache<V> {
     /// Inserts `entry` under `key`, replacing what was there. The entry's deadline is fixed
     /// here: now + its time to live, less the jitter.
     pub fn insert(&self, key: impl Into<Arc<str>>, mut entry: Entry<V>) -> Arc<Entry<V>> {
-        let now = Instant::now();
         let ttl = jittered(entry.ttl, self.jitter);
-        entry.inserted_at = now;
-        entry.expires_at = now + ttl;
+        entry.stamp(Instant::now(), ttl);
         let entry = Arc::new(entry);
         self.inner.insert(key.into(), Arc::clone(&entry));
         entry
@@ -456,8 +469,7 @@ mod tests {
         let mut e = Entry::new("ns", 1u8)
             .time_to_live(Duration::from_secs(5))
             .fresh_for(Duration::from_secs(50));
-        e.inserted_at = Instant::now();
-        e.expires_at = e.inserted_at + e.ttl;
+        e.stamp(Instant::now(), e.ttl);
         assert_eq!(e.fresh_until(), e.expires_at);
         let e = e.fresh_for(Duration::ZERO);
         assert!(!e.is_fresh());

@@ -380,10 +380,18 @@ where
         T: Into<Loaded<V>>,
         E: Into<BoxError>,
     {
-        let candidate = match self.inner.l1_lookup(key, &options).await {
+        let candidate = match self.inner.l1_lookup(key, &options) {
             Ok(hit) => return found(key, hit),
             Err(candidate) => candidate,
         };
+        // Stale inside the window with its refresh already running: answer without building
+        // anything for a load that will not run.
+        if let Some(stale) = self
+            .inner
+            .stale_while_refreshing(key, candidate.as_deref(), &options)
+        {
+            return found(key, stale);
+        }
         let loader: Loader<V> = Box::new(move || {
             Box::pin(async move { load().await.map(Into::into).map_err(Into::into) })
         });
@@ -412,7 +420,7 @@ where
     /// # Errors
     /// As [`TieredCache::get`].
     pub async fn get_with(&self, key: &str, options: EntryOptions) -> Result<Option<V>> {
-        match self.inner.l1_lookup(key, &options).await {
+        match self.inner.l1_lookup(key, &options) {
             Ok(hit) => Ok(hit),
             Err(candidate) => self.inner.slow(key, options, None, candidate).await,
         }
@@ -685,7 +693,7 @@ where
 {
     /// The hot path: a fresh L1 entry's value (`Ok`), or what L1 holds otherwise (`Err`: a
     /// stale entry to fall back on, or nothing).
-    async fn l1_lookup(
+    fn l1_lookup(
         &self,
         key: &str,
         options: &EntryOptions,
@@ -700,6 +708,26 @@ where
             }
             other => Err(other),
         }
+    }
+
+    /// The stale value of `candidate` if it is inside the stale-while-revalidate window and a
+    /// refresh of `key` is already running (counted as a stale hit).
+    fn stale_while_refreshing(
+        &self,
+        key: &str,
+        candidate: Option<&Entry<Held<V>>>,
+        options: &EntryOptions,
+    ) -> Option<Option<V>> {
+        let entry = candidate?;
+        let held = entry.value();
+        if options.swr.is_zero() || Instant::now() >= held.fresh_until + options.swr {
+            return None;
+        }
+        if !self.loads.is_running(key) {
+            return None;
+        }
+        bump(&self.counters.stale_served);
+        Some(held.value.clone())
     }
 
     /// Drops this node's L1 and detaches every load in flight.

@@ -141,6 +141,11 @@ impl<V> Flights<V> {
         }
     }
 
+    /// Whether a load of `key` is in flight.
+    pub(crate) fn is_running(&self, key: &str) -> bool {
+        self.slots().contains_key(key)
+    }
+
     /// Joins the flight of `key`, if one is running.
     pub(crate) fn join(&self, key: &str) -> Option<Waiter<V>> {
         self.slots().get(key).map(|slot| Waiter {
