@@ -60,7 +60,7 @@ pub use envelope::{
 };
 pub use error::{DecodeError, Error, Result};
 pub use keys::{Key, KeySpace, MAX_KEY_LEN};
-pub use lock::{Lock, LockWait, LockWaiters};
+pub use lock::{Lock, LockAttempt, LockWait, LockWaiters};
 pub use store::{Announce, Fetched, RedisStore, Removal, StoreStats};
 pub use subscriber::{Event, Subscriber};
 
@@ -104,6 +104,7 @@ mod tests {
         is_send(&store.try_lock_many(&[], ttl));
         is_send(&store.complete_locks(&[], ttl));
         is_send(&store.unlock_many(&[]));
+        is_send(&store.lookup_or_lock(&key, &codec, ttl));
         is_send(&Subscriber::connect(store.connection()));
     }
 }

@@ -17,8 +17,8 @@ use serde::de::DeserializeOwned;
 use crate::envelope::{Codec, EntryMeta};
 use crate::error::Result;
 use crate::keys::{Key, KeySpace};
-use crate::scripts::{COMPLETE, COMPLETE_SRC};
-use crate::store::{RedisStore, ttl_ms};
+use crate::scripts::{COMPLETE, COMPLETE_SRC, READ_OR_LOCK};
+use crate::store::{Fetched, Raw, RedisStore, classify, ttl_ms};
 use crate::subscriber::{Event, Subscriber};
 use tokio::sync::watch;
 
@@ -51,6 +51,17 @@ const RELEASE_SRC: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then
           end
           return 0";
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RELEASE_SRC));
+
+/// Whether [`RedisStore::lookup_or_lock`] took the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockAttempt {
+    /// The entry was fresh: no lock was tried.
+    NotTried,
+    /// The lock is ours.
+    Taken(Lock),
+    /// Someone else holds it (a load is running elsewhere).
+    HeldElsewhere,
+}
 
 /// A held lock on one data key: the lock key and this holder's random token.
 #[derive(Clone, PartialEq, Eq)]
@@ -110,6 +121,70 @@ impl RedisStore {
             .arg(ms);
         let reply: Option<String> = self.note(self.connection().query("lock", &cmd).await)?;
         Ok(reply.map(|_| lock))
+    }
+
+    /// Reads `key` as [`RedisStore::lookup`] does and, unless the entry is fresh, tries to take
+    /// its lock for `ttl`, in one round trip (one Lua script): the read-then-lock of a cold
+    /// load without a second trip, and without a value landing unseen between the two.
+    ///
+    /// # Errors
+    /// As [`RedisStore::lookup`]; a decode error still reports whether the lock was taken
+    /// through [`LockAttempt`] only on success, so on [`Error::Decode`](crate::Error::Decode)
+    /// the lock (if taken) is released before returning.
+    pub async fn lookup_or_lock<T: Serialize + DeserializeOwned>(
+        &self,
+        key: &Key,
+        codec: &Codec<T>,
+        ttl: Duration,
+    ) -> Result<(Option<Fetched<Option<T>>>, LockAttempt)> {
+        let ms = ttl_ms(ttl)?;
+        let lock = Lock {
+            data_key: key.clone(),
+            lock_key: key.lock_key().into(),
+            token: new_token().into(),
+        };
+        let limit = codec.limit();
+        let end = i64::try_from(limit).unwrap_or(i64::MAX);
+        let reply: Vec<redis::Value> = self.note(
+            self.connection()
+                .invoke(
+                    "read or lock",
+                    READ_OR_LOCK
+                        .key(key)
+                        .key(&*lock.lock_key)
+                        .arg(end)
+                        .arg(&*lock.token)
+                        .arg(ms),
+                )
+                .await,
+        )?;
+        let mut it = reply.into_iter();
+        let (Some(bytes), Some(len), Some(pttl), Some(locked)) =
+            (it.next(), it.next(), it.next(), it.next())
+        else {
+            return Err(crate::Error::redis(
+                "read or lock",
+                redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "wrong number of replies to read-or-lock",
+                )),
+            ));
+        };
+        let attempt = match locked {
+            redis::Value::Int(1) => LockAttempt::Taken(lock.clone()),
+            redis::Value::Int(-1) => LockAttempt::HeldElsewhere,
+            _ => LockAttempt::NotTried,
+        };
+        let raw: Raw = classify(bytes, len, pttl, limit);
+        match self.decode(key, raw, codec).await {
+            Ok(found) => Ok((found, attempt)),
+            Err(e) => {
+                if matches!(attempt, LockAttempt::Taken(_)) {
+                    let _ = self.unlock(&lock).await;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Releases `lock` if this holder still has it (compare-and-delete in Lua: never deletes

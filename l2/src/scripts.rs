@@ -78,6 +78,33 @@ redis.call('PUBLISH', ARGV[4], KEYS[2])
 return v
 ";
 
+/// `KEYS[1]` data, `KEYS[2]` lock; `ARGV`: last byte to read, token, lock ttl ms. Reads the
+/// entry as a read does (bytes up to the limit, length, PTTL) and, unless it is fresh, tries
+/// to take the lock in the same step. Returns `{bytes, length, pttl, locked}` with `locked` 1
+/// (taken), -1 (held by someone else) or 0 (not tried: the entry is fresh).
+const READ_OR_LOCK_BODY: &str = r"
+local v = redis.call('GETRANGE', KEYS[1], 0, ARGV[1])
+local len = redis.call('STRLEN', KEYS[1])
+local pttl = redis.call('PTTL', KEYS[1])
+local fresh = false
+if pttl ~= -2 and #v >= 42 and string.sub(v, 1, 4) == '\193MLC' then
+  local tombstone = math.floor(string.byte(v, 6) / 4) % 2 == 1
+  local function u64(at)
+    local n = 0
+    for i = at + 7, at, -1 do n = n * 256 + string.byte(v, i) end
+    return n
+  end
+  if not tombstone then
+    if pttl == -1 then fresh = true else fresh = (u64(31) - pttl) < u64(23) end
+  end
+end
+local locked = 0
+if not fresh then
+  if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then locked = 1 else locked = -1 end
+end
+return {v, len, pttl, locked}
+";
+
 fn script(body: &str) -> String {
     format!("{LIB}{body}")
 }
@@ -86,6 +113,8 @@ pub(crate) static OVERWRITE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&script(OVERWRITE_BODY)));
 pub(crate) static REMOVE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&script(REMOVE_BODY)));
+pub(crate) static READ_OR_LOCK: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&script(READ_OR_LOCK_BODY)));
 pub(crate) static COMPLETE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&script(COMPLETE_BODY)));
 /// The text of [`COMPLETE`], for pipelines of `EVAL` (a pipeline cannot load scripts).

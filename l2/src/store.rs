@@ -124,7 +124,7 @@ pub struct StoreStats {
 }
 
 /// What one read returned, before decoding.
-enum Raw {
+pub(crate) enum Raw {
     Missing,
     Oversized,
     NotAString,
@@ -325,7 +325,7 @@ impl RedisStore {
         Ok(out)
     }
 
-    async fn decode<T: Serialize + DeserializeOwned>(
+    pub(crate) async fn decode<T: Serialize + DeserializeOwned>(
         &self,
         key: &Key,
         raw: Raw,
@@ -582,7 +582,12 @@ impl RedisStore {
     }
 }
 
-fn classify(bytes: redis::Value, len: redis::Value, pttl: redis::Value, limit: usize) -> Raw {
+pub(crate) fn classify(
+    bytes: redis::Value,
+    len: redis::Value,
+    pttl: redis::Value,
+    limit: usize,
+) -> Raw {
     use redis::Value;
     if matches!(bytes, Value::ServerError(ref e) if e.code() == "WRONGTYPE") {
         return Raw::NotAString;

@@ -420,3 +420,76 @@ async fn every_change_gets_the_next_version_even_across_deletes() {
     assert!(subscriber.ping(wait).await.is_ok());
     assert_eq!(subscriber.run_id(wait).await.unwrap().len(), 40);
 }
+
+#[tokio::test]
+async fn read_or_lock_takes_the_lock_only_when_the_entry_is_not_fresh() {
+    use l2::LockAttempt;
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let codec = Codec::<String>::new(TAG);
+    let space = KeySpace::new("rol");
+    let ttl = Duration::from_secs(10);
+
+    let (found, attempt) = store
+        .lookup_or_lock(&space.key("cold"), &codec, ttl)
+        .await
+        .unwrap();
+    assert!(found.is_none());
+    let LockAttempt::Taken(lock) = attempt else {
+        panic!("a missing entry takes the lock: {attempt:?}")
+    };
+    let (_, again) = store
+        .lookup_or_lock(&space.key("cold"), &codec, ttl)
+        .await
+        .unwrap();
+    assert_eq!(again, LockAttempt::HeldElsewhere);
+    let bytes = codec
+        .encode(&"v".to_string(), &EntryMeta::new(Duration::from_secs(60)))
+        .unwrap();
+    assert!(
+        store
+            .complete_lock(&lock, &bytes, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let (found, attempt) = store
+        .lookup_or_lock(&space.key("cold"), &codec, ttl)
+        .await
+        .unwrap();
+    assert_eq!(found.unwrap().value.as_deref(), Some("v"));
+    assert_eq!(
+        attempt,
+        LockAttempt::NotTried,
+        "a fresh entry takes no lock"
+    );
+
+    // Stale (fresh for 50 ms, kept 60 s): read and locked in one step.
+    let meta =
+        EntryMeta::new(Duration::from_millis(50)).stale_while_revalidate(Duration::from_secs(60));
+    store
+        .set(&space.key("stale"), &codec, &"old".to_string(), &meta)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (found, attempt) = store
+        .lookup_or_lock(&space.key("stale"), &codec, ttl)
+        .await
+        .unwrap();
+    let found = found.unwrap();
+    assert!(!found.is_fresh());
+    assert_eq!(found.value.as_deref(), Some("old"));
+    assert!(matches!(attempt, LockAttempt::Taken(_)), "{attempt:?}");
+
+    // A tombstone is a miss: locked.
+    store
+        .remove(&space.key("gone"), Duration::from_secs(60), None)
+        .await
+        .unwrap();
+    let (found, attempt) = store
+        .lookup_or_lock(&space.key("gone"), &codec, ttl)
+        .await
+        .unwrap();
+    assert!(found.is_none());
+    assert!(matches!(attempt, LockAttempt::Taken(_)));
+}

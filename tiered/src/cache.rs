@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use l1::{Entry, LocalCache};
-use l2::{Announce, Codec, EntryMeta, Fetched, Key, KeySpace, Lock, LockWaiters, RedisStore};
+use l2::{
+    Announce, Codec, EntryMeta, Fetched, Key, KeySpace, Lock, LockAttempt, LockWaiters, RedisStore,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -819,8 +821,25 @@ where
         }
     }
 
+    /// As [`Inner::l2_read`], and takes the lock in the same round trip unless the entry is
+    /// fresh.
+    async fn l2_read_or_lock(&self, rkey: &Key) -> (L2Read<V>, LockAttempt) {
+        match self
+            .store
+            .lookup_or_lock(rkey, &self.codec, self.lock_ttl)
+            .await
+        {
+            Ok((found, attempt)) => (self.classify_read(Ok(found)), attempt),
+            Err(e) => (self.classify_read(Err(e)), LockAttempt::NotTried),
+        }
+    }
+
     async fn l2_read(&self, rkey: &Key) -> L2Read<V> {
         let read = self.store.lookup(rkey, &self.codec).await;
+        self.classify_read(read)
+    }
+
+    fn classify_read(&self, read: l2::Result<Option<Fetched<Option<V>>>>) -> L2Read<V> {
         match read {
             Ok(Some(f)) if f.is_fresh() => {
                 self.breaker.success();
@@ -974,9 +993,22 @@ where
         let mut fallback = candidate.as_deref().map(|e| Fallback::from_l1(e, &opts));
         let mut l2_usable = !opts.skip_l2 && self.breaker.allow();
         let mut l2_error = None;
+        let mut attempt = LockAttempt::NotTried;
         if l2_usable {
-            match self.l2_read(&rkey).await {
+            // With a loader, the read also takes the lock when the entry is not fresh: one
+            // round trip for both.
+            let read = if loader.is_some() {
+                let (read, a) = self.l2_read_or_lock(&rkey).await;
+                attempt = a;
+                read
+            } else {
+                self.l2_read(&rkey).await
+            };
+            match read {
                 L2Read::Fresh(f) => {
+                    if let LockAttempt::Taken(lock) = &attempt {
+                        let _ = self.store.unlock(lock).await;
+                    }
                     bump(&self.counters.l2_hits);
                     let entry = self.entry_from_l2(&f, &opts);
                     self.fill(&key, entry, &opts, &token).await;
@@ -1026,6 +1058,12 @@ where
             bump(&self.counters.unlocked_loads);
             return self
                 .run_load(&key, &opts, loader, fallback, &token, None)
+                .await;
+        }
+        if let LockAttempt::Taken(lock) = attempt {
+            // Read and locked atomically: nothing can have landed in between.
+            return self
+                .run_load(&key, &opts, loader, fallback, &token, Some(lock))
                 .await;
         }
         self.locked_load(&key, &rkey, &opts, loader, fallback, &token)
