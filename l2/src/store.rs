@@ -215,8 +215,8 @@ impl RedisStore {
         r
     }
 
-    /// Reads the entry at `key`: one round trip (an atomic GETRANGE + STRLEN + PTTL, so at most
-    /// the codec's size limit is ever downloaded).
+    /// Reads the entry at `key`: one round trip (`GETRANGE` + `PTTL`, so at most the codec's
+    /// size limit, plus one byte, is ever downloaded).
     ///
     /// Returns `Ok(None)` when the key is absent or its value is over the size limit (counted
     /// in [`StoreStats::oversized_reads`]).
@@ -297,17 +297,23 @@ impl RedisStore {
             .collect())
     }
 
+    /// Reads `keys`: `GETRANGE 0 limit` (at most limit + 1 bytes: more means oversized) and
+    /// `PTTL` per key, in one round trip. A batch is one `MULTI`; a single key is a plain
+    /// two-command pipeline (Redis runs a pipeline's commands back to back; a write that slips
+    /// between the two is announced on the bus, which drops any fill of the older value).
     async fn read_raw(&self, keys: &[Key], limit: usize) -> Result<Vec<Raw>> {
         let mut pipe = redis::pipe();
-        pipe.atomic().ignore_errors();
+        if keys.len() > 1 {
+            pipe.atomic();
+        }
+        pipe.ignore_errors();
         let end = i64::try_from(limit).unwrap_or(i64::MAX);
         for key in keys {
             pipe.cmd("GETRANGE").arg(key).arg(0).arg(end);
-            pipe.cmd("STRLEN").arg(key);
             pipe.cmd("PTTL").arg(key);
         }
         let values: Vec<redis::Value> = self.note(self.conn.query_pipe("get", &pipe).await)?;
-        if values.len() != keys.len() * 3 {
+        if values.len() != keys.len() * 2 {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             return Err(Error::redis(
                 "get",
@@ -319,8 +325,8 @@ impl RedisStore {
         }
         let mut out = Vec::with_capacity(keys.len());
         let mut it = values.into_iter();
-        while let (Some(bytes), Some(len), Some(pttl)) = (it.next(), it.next(), it.next()) {
-            out.push(classify(bytes, len, pttl, limit));
+        while let (Some(bytes), Some(pttl)) = (it.next(), it.next()) {
+            out.push(classify(bytes, redis::Value::Nil, pttl, limit));
         }
         Ok(out)
     }
@@ -599,8 +605,11 @@ pub(crate) fn classify(
     if pttl == -2 {
         return Raw::Missing;
     }
-    let len = match len {
-        Value::Int(n) => usize::try_from(n).unwrap_or(0),
+    // The full length when Redis gave it, else what GETRANGE returned (it returns one byte
+    // more than the limit when the value is larger).
+    let len = match (&len, &bytes) {
+        (Value::Int(n), _) => usize::try_from(*n).unwrap_or(0),
+        (_, Value::BulkString(b)) => b.len(),
         _ => 0,
     };
     if len > limit {
