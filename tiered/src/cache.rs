@@ -964,18 +964,22 @@ where
     ) -> impl Future<Output = Result<Option<V>>> + Send + 'static {
         let mut closed = self.closed.clone();
         let limit = self.max_load_time;
-        let aborted = Error::LoadAborted {
-            key: key.to_string(),
-        };
-        let cut_off = Error::WaitTimeout {
-            key: key.to_string(),
-            waited: limit,
-        };
+        // A read without a loader is bounded by the L2 timeouts already; a load gets the
+        // cache's maximum load time, and stops with the cache.
+        let loads = loader.is_some();
         async move {
-            let body = self.resolve(key, opts, loader, candidate, token);
+            let body = self.resolve(Arc::clone(&key), opts, loader, candidate, token);
+            if !loads {
+                return body.await;
+            }
             tokio::select! {
-                r = tokio::time::timeout(limit, body) => r.unwrap_or(Err(cut_off)),
-                _ = closed.changed() => Err(aborted),
+                r = tokio::time::timeout(limit, body) => r.unwrap_or_else(|_| Err(Error::WaitTimeout {
+                    key: key.to_string(),
+                    waited: limit,
+                })),
+                _ = closed.changed() => Err(Error::LoadAborted {
+                    key: key.to_string(),
+                }),
             }
         }
     }

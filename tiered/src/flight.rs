@@ -217,6 +217,19 @@ impl<V> Claim<V> {
         self.token.answer(outcome);
     }
 
+    /// As [`Claim::finish`] for a leader that keeps `outcome` for itself: the outcome is
+    /// cloned for the waiters only if anyone besides the leader waits.
+    pub(crate) fn finish_for_others(self, outcome: &Result<V>)
+    where
+        V: Clone,
+    {
+        self.detach();
+        // The leader's own receiver is one; after `detach` nobody new can join.
+        if self.token.0.tx.receiver_count() > 1 {
+            self.token.answer(outcome.clone());
+        }
+    }
+
     fn detach(&self) {
         let mut slots = self.flights.slots();
         if slots.get(&*self.key).is_some_and(|s| s.id == self.id) {
@@ -333,7 +346,7 @@ impl<V: Clone + Send + Sync + 'static> Flights<V> {
             Step::Done(r) => {
                 leader.body = None;
                 if let Some(claim) = leader.claim.take() {
-                    claim.finish(r.clone());
+                    claim.finish_for_others(&r);
                 }
                 r
             }
