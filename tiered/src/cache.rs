@@ -397,10 +397,9 @@ where
         let loader: Loader<V> = Box::new(move || {
             Box::pin(async move { load().await.map(Into::into).map_err(Into::into) })
         });
-        let value = self
-            .inner
-            .slow(key, options, Some(loader), candidate)
-            .await?;
+        // Boxed, so the future of a hit stays small (a hit would otherwise copy the whole
+        // slow path's state around).
+        let value = Box::pin(self.inner.slow(key, options, Some(loader), candidate)).await?;
         found(key, value)
     }
 
@@ -424,7 +423,7 @@ where
     pub async fn get_with(&self, key: &str, options: EntryOptions) -> Result<Option<V>> {
         match self.inner.l1_lookup(key, &options) {
             Ok(hit) => Ok(hit),
-            Err(candidate) => self.inner.slow(key, options, None, candidate).await,
+            Err(candidate) => Box::pin(self.inner.slow(key, options, None, candidate)).await,
         }
     }
 

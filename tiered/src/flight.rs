@@ -186,6 +186,7 @@ impl<V> Flights<V> {
             key,
             id,
             token,
+            finished: false,
         };
         (waiter, Some(claim))
     }
@@ -197,6 +198,7 @@ pub(crate) struct Claim<V> {
     key: Arc<str>,
     id: u64,
     token: FlightToken<V>,
+    finished: bool,
 }
 
 impl<V> Claim<V> {
@@ -212,14 +214,15 @@ impl<V> Claim<V> {
 
     /// Ends the flight and answers the waiters (unless answered already). The slot goes
     /// first, so a waiter that returns never sees its own flight still in the map.
-    pub(crate) fn finish(self, outcome: Result<V>) {
+    pub(crate) fn finish(mut self, outcome: Result<V>) {
         self.detach();
         self.token.answer(outcome);
+        self.finished = true;
     }
 
     /// As [`Claim::finish`] for a leader that keeps `outcome` for itself: the outcome is
     /// cloned for the waiters only if anyone besides the leader waits.
-    pub(crate) fn finish_for_others(self, outcome: &Result<V>)
+    pub(crate) fn finish_for_others(mut self, outcome: &Result<V>)
     where
         V: Clone,
     {
@@ -228,6 +231,7 @@ impl<V> Claim<V> {
         if self.token.0.tx.receiver_count() > 1 {
             self.token.answer(outcome.clone());
         }
+        self.finished = true;
     }
 
     fn detach(&self) {
@@ -240,6 +244,9 @@ impl<V> Claim<V> {
 
 impl<V> Drop for Claim<V> {
     fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
         self.detach();
         // The load panicked or its task was dropped: waiters get an error, not silence.
         self.token.answer(Err(Error::LoadAborted {
