@@ -336,7 +336,7 @@ where
         T: Into<Loaded<V>>,
         E: Into<BoxError>,
     {
-        self.get_or_set_with(key, self.inner.defaults, load).await
+        self.lookup_or_load(key, &self.inner.defaults, load).await
     }
 
     /// The value of `key`: from L1 if fresh, else from L2 if fresh (filling L1, for no longer
@@ -382,7 +382,23 @@ where
         T: Into<Loaded<V>>,
         E: Into<BoxError>,
     {
-        let candidate = match self.inner.l1_lookup(key, &options) {
+        self.lookup_or_load(key, &options, load).await
+    }
+
+    /// `get_or_set` with options by reference, so a hit's future carries no copy of them.
+    async fn lookup_or_load<F, Fut, T, E>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        load: F,
+    ) -> Result<V>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        T: Into<Loaded<V>>,
+        E: Into<BoxError>,
+    {
+        let candidate = match self.inner.l1_lookup(key, options) {
             Ok(hit) => return found(key, hit),
             Err(candidate) => candidate,
         };
@@ -390,7 +406,7 @@ where
         // anything for a load that will not run.
         if let Some(stale) = self
             .inner
-            .stale_while_refreshing(key, candidate.as_deref(), &options)
+            .stale_while_refreshing(key, candidate.as_deref(), options)
         {
             return found(key, stale);
         }
@@ -399,7 +415,7 @@ where
         });
         // Boxed, so the future of a hit stays small (a hit would otherwise copy the whole
         // slow path's state around).
-        let value = Box::pin(self.inner.slow(key, options, Some(loader), candidate)).await?;
+        let value = Box::pin(self.inner.slow(key, *options, Some(loader), candidate)).await?;
         found(key, value)
     }
 

@@ -127,6 +127,7 @@ mod tests {
         is_send(&cache.set("k", &String::new()));
         is_send(&cache.set_with("k", &String::new(), opts));
         is_send(&cache.invalidate("k"));
+        is_send(&cache.clear());
         is_send(&cache.get_or_set_many(&["a"], |_keys: Vec<String>| async {
             Ok::<_, std::io::Error>(Vec::<(String, String)>::new())
         }));
