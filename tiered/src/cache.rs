@@ -1073,20 +1073,18 @@ where
         if !token.is_answered() {
             bump(&self.counters.misses);
         }
+        // The load paths are boxed: their state is large, and a read that never reaches them
+        // should not carry (and copy) it.
         if !l2_usable {
             bump(&self.counters.unlocked_loads);
-            return self
-                .run_load(&key, &opts, loader, fallback, &token, None)
-                .await;
+            return Box::pin(self.run_load(&key, &opts, loader, fallback, &token, None)).await;
         }
         if let LockAttempt::Taken(lock) = attempt {
             // Read and locked atomically: nothing can have landed in between.
-            return self
-                .run_load(&key, &opts, loader, fallback, &token, Some(lock))
+            return Box::pin(self.run_load(&key, &opts, loader, fallback, &token, Some(lock)))
                 .await;
         }
-        self.locked_load(&key, &rkey, &opts, loader, fallback, &token)
-            .await
+        Box::pin(self.locked_load(&key, &rkey, &opts, loader, fallback, &token)).await
     }
 
     /// Takes the key's Redis lock and loads, or waits for the holder's value.
