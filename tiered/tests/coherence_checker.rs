@@ -19,8 +19,8 @@ const WORKERS: usize = 4;
 
 fn bus() -> BusConfig {
     BusConfig::default()
-        .heartbeat(Duration::from_millis(100))
-        .heartbeat_timeout(Duration::from_millis(200))
+        .heartbeat(Duration::from_millis(200))
+        .heartbeat_timeout(Duration::from_millis(300))
 }
 
 fn now_us() -> u64 {
