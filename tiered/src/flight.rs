@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -92,9 +92,15 @@ impl<V> FlightToken<V> {
     }
 }
 
+/// Detached loads still running, by key: (flight id, token).
+type Detached<V> = HashMap<Arc<str>, Vec<(u64, Weak<Shared<V>>)>>;
+
 /// The loads in flight, by key.
 pub(crate) struct Flights<V> {
     slots: Mutex<HashMap<Arc<str>, Slot<V>>>,
+    // Loads detached by an announcement that may still fill L1 (with a result at least as
+    // new): later announcements must reach them too, so they are kept, weakly, until they end.
+    detached: Mutex<Detached<V>>,
     next_id: AtomicU64,
 }
 
@@ -102,6 +108,7 @@ impl<V> Flights<V> {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Flights {
             slots: Mutex::new(HashMap::new()),
+            detached: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         })
     }
@@ -112,6 +119,28 @@ impl<V> Flights<V> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    // As `slots`. Lock order: `slots` before `detached`.
+    fn detached(&self) -> MutexGuard<'_, Detached<V>> {
+        self.detached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `f` to the loads of `key` detached earlier that are still running.
+    fn each_detached(&self, key: &str, f: impl Fn(&FlightToken<V>)) {
+        let mut detached = self.detached();
+        if let Some(list) = detached.get_mut(key) {
+            list.retain(|(_, weak)| match weak.upgrade() {
+                Some(shared) => {
+                    f(&FlightToken(shared));
+                    true
+                }
+                None => false,
+            });
+            if list.is_empty() {
+                detached.remove(key);
+            }
+        }
+    }
+
     /// How many loads are in flight.
     pub(crate) fn len(&self) -> usize {
         self.slots().len()
@@ -120,24 +149,40 @@ impl<V> Flights<V> {
     /// Detaches the flight of `key`, if any: later callers start a new load, and the running
     /// one is told (through its token) not to fill L1.
     pub(crate) fn invalidate(&self, key: &str) {
-        if let Some(slot) = self.slots().remove(key) {
+        let slots = &mut self.slots();
+        if let Some(slot) = slots.remove(key) {
             slot.token.invalidate();
         }
+        self.each_detached(key, FlightToken::invalidate);
     }
 
     /// Detaches the flight of `key`, if any, after another node announced write `version`:
     /// later callers start a new load, and the running one may still fill L1 only with a
     /// result at least that new.
     pub(crate) fn invalidate_below(&self, key: &str, version: u64) {
-        if let Some(slot) = self.slots().remove(key) {
+        let slots = &mut self.slots();
+        self.each_detached(key, |t| t.raise_floor(version));
+        if let Some((key, slot)) = slots.remove_entry(key) {
             slot.token.raise_floor(version);
+            self.detached()
+                .entry(key)
+                .or_default()
+                .push((slot.id, Arc::downgrade(&slot.token.0)));
         }
     }
 
     /// Detaches every flight.
     pub(crate) fn invalidate_all(&self) {
-        for (_, slot) in self.slots().drain() {
+        let slots = &mut self.slots();
+        for (_, slot) in slots.drain() {
             slot.token.invalidate();
+        }
+        for (_, list) in self.detached().drain() {
+            for (_, weak) in list {
+                if let Some(shared) = weak.upgrade() {
+                    FlightToken(shared).invalidate();
+                }
+            }
         }
     }
 
@@ -238,6 +283,15 @@ impl<V> Claim<V> {
         let mut slots = self.flights.slots();
         if slots.get(&*self.key).is_some_and(|s| s.id == self.id) {
             slots.remove(&*self.key);
+            return;
+        }
+        // Detached earlier: drop its entry in the detached list.
+        let mut detached = self.flights.detached();
+        if let Some(list) = detached.get_mut(&*self.key) {
+            list.retain(|(id, weak)| *id != self.id && weak.strong_count() > 0);
+            if list.is_empty() {
+                detached.remove(&*self.key);
+            }
         }
     }
 }
@@ -640,6 +694,34 @@ mod tests {
             0,
             "the old load must not remove the new slot's successor"
         );
+    }
+
+    #[tokio::test]
+    async fn every_later_announcement_reaches_a_load_detached_by_an_earlier_one() {
+        let flights = Flights::<u64>::new();
+        let (waiter, claim) = flights.join_or_claim("k");
+        let claim = claim.unwrap();
+        let token = claim.token();
+        // Version 20 is announced: the load is detached, and may still fill with >= 20.
+        flights.invalidate_below("k", 20);
+        assert!(token.admits(20) && !token.admits(19));
+        // Version 21 is announced while the load is still running: it must reach it too, or
+        // its version-20 result would land in L1 after the eviction of version 21.
+        flights.invalidate_below("k", 21);
+        assert!(
+            !token.admits(20),
+            "a later announcement reaches the detached load"
+        );
+        assert!(token.admits(21));
+        flights.invalidate("k");
+        assert!(!token.admits(u64::MAX), "a local change reaches it as well");
+        claim.finish(Ok(1));
+        assert_eq!(waiter.wait(WAIT).await.unwrap(), 1);
+        assert!(
+            flights.detached().is_empty(),
+            "nothing kept once the load ended"
+        );
+        assert_eq!(flights.len(), 0);
     }
 
     #[tokio::test]

@@ -39,12 +39,15 @@ async fn coherent_node(server: &RedisServer, namespace: &str) -> TieredCache<Str
 async fn reads_within(node: &TieredCache<String>, key: &str, expected: &str, within: Duration) {
     let start = Instant::now();
     loop {
-        if node.get(key).await.ok().flatten().as_deref() == Some(expected) {
+        let read = node.get(key).await;
+        if read.as_ref().ok().and_then(|v| v.as_deref()) == Some(expected) {
             return;
         }
         assert!(
             start.elapsed() < within,
-            "{key} did not read {expected:?} within {within:?}"
+            "{key} did not read {expected:?} within {within:?}: last read {read:?}; {:?}; {:?}",
+            node.stats(),
+            node.bus().stats()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
