@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::breaker::Breaker;
-use crate::cache::{Counters, Inner, Lifeline, TieredCache};
+use crate::cache::{Counters, Inner, Lifeline, TieredCache, Writes};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
 use crate::options::EntryOptions;
@@ -266,6 +266,7 @@ where
             counters: Counters::default(),
             publisher,
             bus: bus.clone(),
+            writes: Writes::default(),
         };
         let inner = Arc::new(inner);
         crate::coherence::listen(&inner, &bus, &channel).await?;

@@ -226,6 +226,58 @@ impl CacheStats {
     }
 }
 
+/// The newest version other nodes announced for keys this node is writing, so a write whose
+/// announcement was overtaken does not put its older value in L1.
+#[derive(Debug, Default)]
+pub(crate) struct Writes {
+    // key -> (highest version announced by others since the first write began, writers)
+    keys: std::sync::Mutex<HashMap<Arc<str>, (u64, usize)>>,
+}
+
+impl Writes {
+    // Short critical sections, no `.await`; a poisoned map is still consistent.
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, (u64, usize)>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn begin(&self, key: &str) -> WriteWatch<'_> {
+        let key: Arc<str> = key.into();
+        self.keys().entry(Arc::clone(&key)).or_insert((0, 0)).1 += 1;
+        WriteWatch { writes: self, key }
+    }
+
+    /// Another node announced `version` of `key`.
+    pub(crate) fn announced(&self, key: &str, version: u64) {
+        if let Some(e) = self.keys().get_mut(key) {
+            e.0 = e.0.max(version);
+        }
+    }
+}
+
+/// One write's watch on announcements, from [`Writes::begin`].
+pub(crate) struct WriteWatch<'a> {
+    writes: &'a Writes,
+    key: Arc<str>,
+}
+
+impl WriteWatch<'_> {
+    fn floor(&self) -> u64 {
+        self.writes.keys().get(&self.key).map_or(0, |e| e.0)
+    }
+}
+
+impl Drop for WriteWatch<'_> {
+    fn drop(&mut self) {
+        let mut keys = self.writes.keys();
+        if let Some(e) = keys.get_mut(&self.key) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                keys.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Everything a cache handle shares with its background tasks.
 pub(crate) struct Inner<V> {
     pub(crate) namespace: Arc<str>,
@@ -244,6 +296,7 @@ pub(crate) struct Inner<V> {
     pub(crate) counters: Counters,
     pub(crate) publisher: invalidation::Publisher,
     pub(crate) bus: invalidation::Bus,
+    pub(crate) writes: Writes,
 }
 
 /// Dropped with the last [`TieredCache`] handle: ends the background tasks and lets go of the
@@ -463,6 +516,9 @@ where
     /// As [`TieredCache::set`].
     pub async fn set_with(&self, key: &str, value: &V, options: EntryOptions) -> Result<u64> {
         let inner = &self.inner;
+        // Announcements from other nodes that arrive while this write is on its way must keep
+        // its (then older) value out of L1: watch for them from before the write.
+        let watch = inner.writes.begin(key);
         inner.detach(key);
         let fresh = options.jittered_ttl();
         let life = fresh + options.swr.max(options.fail_safe_max);
@@ -500,11 +556,14 @@ where
         // Loads that started while the write was on its way read the old value: detach them
         // again before filling L1.
         inner.detach(key);
-        if !options.skip_l1 {
+        if !options.skip_l1 && watch.floor() <= version {
             let entry = inner
                 .entry(Some(value.clone()), bytes.len(), fresh, life, &options)
                 .version(version);
             inner.l1.insert(Arc::<str>::from(key), entry);
+            if watch.floor() > version {
+                inner.l1.invalidate(key);
+            }
         }
         Ok(version)
     }

@@ -44,6 +44,7 @@ where
                 }
                 // A fill in flight may carry the value from before this change.
                 inner.detach_below(&e.key, e.version);
+                inner.writes.announced(&e.key, e.version);
                 if let Some(entry) = inner.l1.get(e.key.as_str())
                     && entry.write_version() >= e.version
                 {
