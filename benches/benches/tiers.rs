@@ -183,6 +183,18 @@ where
         .unwrap()
 }
 
+/// Spawns `n` tasks running `task(i)` and waits for all of them.
+async fn spawn_all<F, Fut>(n: usize, task: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(task(i))).collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 async fn raw_conn(url: &str) -> redis::aio::MultiplexedConnection {
     let info = redis::IntoConnectionInfo::into_connection_info(url)
         .unwrap()
@@ -304,34 +316,26 @@ fn contention(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             let key = format!("k{}", n.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
             let (ours, loads) = (ours.clone(), Arc::clone(&loads));
-            async move {
-                let mut tasks = Vec::with_capacity(1000);
-                for _ in 0..1000 {
-                    let (ours, loads, key) = (ours.clone(), Arc::clone(&loads), key.clone());
-                    tasks.push(tokio::spawn(async move {
-                        ours.get_or_set(&key, move || async move {
+            spawn_all(1000, move |_| {
+                let (ours, loads, key) = (ours.clone(), Arc::clone(&loads), key.clone());
+                async move {
+                    let v = ours
+                        .get_or_set(&key, move || async move {
                             loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             Ok::<_, std::io::Error>(7u64)
                         })
                         .await
-                        .unwrap()
-                    }));
+                        .unwrap();
+                    black_box(v);
                 }
-                for t in tasks {
-                    black_box(t.await.unwrap());
-                }
-            }
+            })
         })
     });
     g.bench_function("spawn_join_1000_noop", |b| {
-        b.to_async(&rt).iter(|| async {
-            let mut tasks = Vec::with_capacity(1000);
-            for _ in 0..1000 {
-                tasks.push(tokio::spawn(async { black_box(7u64) }));
-            }
-            for t in tasks {
-                black_box(t.await.unwrap());
-            }
+        b.to_async(&rt).iter(|| {
+            spawn_all(1000, |_| async {
+                black_box(7u64);
+            })
         })
     });
     g.finish();
@@ -452,48 +456,32 @@ fn throughput(c: &mut Criterion) {
     g.sample_size(20);
     g.bench_function("tiered_2_tasks", |b| {
         b.to_async(&rt).iter(|| {
-            let l1 = l1.clone();
-            async move {
-                let tasks: Vec<_> = (0..2)
-                    .map(|_| {
-                        let l1 = l1.clone();
-                        tokio::spawn(async move {
-                            for _ in 0..L1_OPS / 2 {
-                                black_box(
-                                    l1.get_or_set("k", || async {
-                                        Err::<Arc<Profile>, _>(std::io::Error::other("no"))
-                                    })
-                                    .await
-                                    .unwrap(),
-                                );
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
+            spawn_all(2, |_| {
+                let l1 = l1.clone();
+                async move {
+                    for _ in 0..L1_OPS / 2 {
+                        black_box(
+                            l1.get_or_set("k", || async {
+                                Err::<Arc<Profile>, _>(std::io::Error::other("no"))
+                            })
+                            .await
+                            .unwrap(),
+                        );
+                    }
                 }
-            }
+            })
         })
     });
     g.bench_function("bare_moka_2_tasks", |b| {
         b.to_async(&rt).iter(|| {
-            let bare = bare.clone();
-            async move {
-                let tasks: Vec<_> = (0..2)
-                    .map(|_| {
-                        let bare = bare.clone();
-                        tokio::spawn(async move {
-                            for _ in 0..L1_OPS / 2 {
-                                black_box(bare.get("k").await);
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
+            spawn_all(2, |_| {
+                let bare = bare.clone();
+                async move {
+                    for _ in 0..L1_OPS / 2 {
+                        black_box(bare.get("k").await);
+                    }
                 }
-            }
+            })
         })
     });
     g.finish();
@@ -503,49 +491,33 @@ fn throughput(c: &mut Criterion) {
     g.sample_size(20);
     g.bench_function("tiered_64_in_flight", |b| {
         b.to_async(&rt).iter(|| {
-            let l2 = l2.clone();
-            async move {
-                let tasks: Vec<_> = (0..IN_FLIGHT)
-                    .map(|t| {
-                        let l2 = l2.clone();
-                        let key = format!("k{t}");
-                        tokio::spawn(async move {
-                            for _ in 0..PER_TASK {
-                                black_box(l2.get(&key).await.unwrap());
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
+            spawn_all(IN_FLIGHT, |t| {
+                let l2 = l2.clone();
+                async move {
+                    let key = format!("k{t}");
+                    for _ in 0..PER_TASK {
+                        black_box(l2.get(&key).await.unwrap());
+                    }
                 }
-            }
+            })
         })
     });
     g.bench_function("bare_64_in_flight", |b| {
         b.to_async(&rt).iter(|| {
-            let raw = raw.clone();
-            async move {
-                let tasks: Vec<_> = (0..IN_FLIGHT)
-                    .map(|t| {
-                        let mut conn = raw.clone();
-                        let key = format!("bare{t}");
-                        tokio::spawn(async move {
-                            for _ in 0..PER_TASK {
-                                let bytes: Vec<u8> = redis::cmd("GET")
-                                    .arg(&key)
-                                    .query_async(&mut conn)
-                                    .await
-                                    .unwrap();
-                                black_box(rmp_serde::from_slice::<Profile>(&bytes).unwrap());
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
+            spawn_all(IN_FLIGHT, |t| {
+                let mut conn = raw.clone();
+                async move {
+                    let key = format!("bare{t}");
+                    for _ in 0..PER_TASK {
+                        let bytes: Vec<u8> = redis::cmd("GET")
+                            .arg(&key)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        black_box(rmp_serde::from_slice::<Profile>(&bytes).unwrap());
+                    }
                 }
-            }
+            })
         })
     });
     g.finish();
