@@ -238,6 +238,20 @@ async fn run() -> Result<(), Box<dyn StdError>> {
         "\nNode B's bus: {} messages, propagation lag p50 {} µs / p99 {} µs, {} gaps, {} malformed",
         bus.received, bus.lag_p50_micros, bus.lag_p99_micros, bus.gaps, bus.malformed
     );
+    let health = b.health().await;
+    println!(
+        "Node B's health: {:?}, ready {}, redis {} µs, hit ratio {:.1}% (floor {:.0}%){}",
+        health.status,
+        health.ready,
+        health.redis.latency_micros.unwrap_or(0),
+        health.hit_ratio * 100.0,
+        health.hit_ratio_floor * 100.0,
+        if health.reasons.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", health.reasons.join("; "))
+        }
+    );
     println!("\nCounters:");
     println!(
         "   {:<6} {:>8} {:>8} {:>7} {:>6} {:>6} {:>10} {:>9} {:>10} {:>13}",

@@ -183,7 +183,26 @@ struct Counters {
     heartbeats_missed: AtomicU64,
     last_message_micros: AtomicU64,
     connected: AtomicBool,
+    // When the bus was last seen going down (µs since the epoch); 0 while connected.
+    down_since_micros: AtomicU64,
     lags: Mutex<VecDeque<u64>>,
+}
+
+impl Counters {
+    fn up(&self) {
+        self.connected.store(true, Ordering::Relaxed);
+        self.down_since_micros.store(0, Ordering::Relaxed);
+    }
+
+    fn down(&self) {
+        self.connected.store(false, Ordering::Relaxed);
+        let _ = self.down_since_micros.compare_exchange(
+            0,
+            message::now_micros(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
 }
 
 /// A snapshot of the bus's counters, from [`Bus::stats`].
@@ -200,6 +219,8 @@ pub struct BusStats {
     pub heartbeats_missed: u64,
     /// Whether the last heartbeat was answered.
     pub connected: bool,
+    /// Since when the bus has been down, in microseconds since the Unix epoch (0: it is up).
+    pub down_since_micros: u64,
     /// When the last message arrived, in microseconds since the Unix epoch (0: never).
     pub last_message_micros: u64,
     /// Propagation lag (sender's clock to receiver's) of the last messages, in µs: median.
@@ -256,7 +277,7 @@ impl Bus {
             consumers: RwLock::default(),
             counters: Counters::default(),
         });
-        inner.counters.connected.store(true, Ordering::Relaxed);
+        inner.counters.up();
         let (lifeline, closed) = watch::channel(());
         tokio::spawn(heartbeat(Arc::downgrade(&inner), closed.clone()));
         tokio::spawn(run(Arc::clone(&inner), rx, closed));
@@ -340,6 +361,7 @@ impl Bus {
             gaps: c.gaps.load(Ordering::Relaxed),
             heartbeats_missed: c.heartbeats_missed.load(Ordering::Relaxed),
             connected: c.connected.load(Ordering::Relaxed),
+            down_since_micros: c.down_since_micros.load(Ordering::Relaxed),
             last_message_micros: c.last_message_micros.load(Ordering::Relaxed),
             lag_p50_micros: at(0.5),
             lag_p99_micros: at(0.99),
@@ -540,7 +562,7 @@ impl State {
                     }
                 }
                 Raw::Disconnected => {
-                    counters.connected.store(false, Ordering::Relaxed);
+                    counters.down();
                     plan.gap_all = Some(GapReason::Disconnected);
                 }
                 Raw::Subscribed(channel) => {
@@ -550,14 +572,14 @@ impl State {
                     }
                 }
                 Raw::Beat(Ok(run_id)) => {
-                    counters.connected.store(true, Ordering::Relaxed);
+                    counters.up();
                     if self.run_id.as_ref().is_some_and(|old| *old != run_id) {
                         plan.gap_all = Some(GapReason::ServerRestarted);
                     }
                     self.run_id = Some(run_id);
                 }
                 Raw::Beat(Err(e)) => {
-                    counters.connected.store(false, Ordering::Relaxed);
+                    counters.down();
                     counters.heartbeats_missed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(target: "invalidation", error = %e, "heartbeat missed");
                     plan.gap_all = Some(GapReason::HeartbeatMissed);

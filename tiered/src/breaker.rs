@@ -12,7 +12,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The breaker's state, as reported by [`TieredCache::breaker_state`](crate::TieredCache::breaker_state).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum BreakerState {
     /// L2 is used.

@@ -45,6 +45,7 @@ pub struct TieredCacheBuilder<V> {
     max_load_time: Duration,
     breaker_threshold: u32,
     breaker_cooldown: Duration,
+    hit_ratio_floor: f64,
     _type: PhantomData<fn() -> V>,
 }
 
@@ -82,6 +83,7 @@ where
             max_load_time: DEFAULT_MAX_LOAD_TIME,
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(1),
+            hit_ratio_floor: crate::DEFAULT_HIT_RATIO_FLOOR,
             _type: PhantomData,
         }
     }
@@ -190,6 +192,15 @@ where
         self
     }
 
+    /// The hit ratio under which [`TieredCache::health`] reports the cache as degraded (not
+    /// failed: a cold or churning cache still serves). Default:
+    /// [`DEFAULT_HIT_RATIO_FLOOR`](crate::DEFAULT_HIT_RATIO_FLOOR) (a healthy cache runs at
+    /// 85-95 %).
+    pub fn hit_ratio_floor(mut self, floor: f64) -> Self {
+        self.hit_ratio_floor = floor;
+        self
+    }
+
     /// Connects (unless given a connection), subscribes to the lock notices and builds the
     /// cache. Must run inside a tokio runtime.
     ///
@@ -211,6 +222,11 @@ where
         }
         if self.max_load_time.is_zero() {
             return Err(Error::Config("max_load_time must be above zero".into()));
+        }
+        if !(0.0..=1.0).contains(&self.hit_ratio_floor) {
+            return Err(Error::Config(
+                "hit_ratio_floor must be between 0 and 1".into(),
+            ));
         }
         if self.breaker_cooldown.is_zero() {
             return Err(Error::Config(
@@ -267,6 +283,7 @@ where
             publisher,
             bus: bus.clone(),
             writes: Writes::default(),
+            hit_ratio_floor: self.hit_ratio_floor,
         };
         let inner = Arc::new(inner);
         crate::coherence::listen(&inner, &bus, &channel).await?;

@@ -297,6 +297,7 @@ pub(crate) struct Inner<V> {
     pub(crate) publisher: invalidation::Publisher,
     pub(crate) bus: invalidation::Bus,
     pub(crate) writes: Writes,
+    pub(crate) hit_ratio_floor: f64,
 }
 
 /// Dropped with the last [`TieredCache`] handle: ends the background tasks and lets go of the
@@ -683,6 +684,61 @@ where
     /// The L2 store (to share its connection with another cache, or for raw access).
     pub fn store(&self) -> &RedisStore {
         &self.inner.store
+    }
+
+    /// The cache's health for a status or readiness endpoint: Redis reachability and latency
+    /// (one PING, bounded by the L2 timeout), the invalidation bus (connected, how long down,
+    /// age of the last message, gaps), the breaker, and the hit ratio against its floor.
+    /// Readiness fails only when the bus has been down for longer than its staleness bound;
+    /// an unreachable Redis, an open breaker or a low hit ratio make it degraded.
+    ///
+    /// ```no_run
+    /// # async fn f(cache: tiered::TieredCache<String>) {
+    /// let health = cache.health().await;
+    /// if !health.ready {
+    ///     eprintln!("not ready: {:?}", health.reasons);
+    /// }
+    /// # }
+    /// ```
+    pub async fn health(&self) -> crate::Health {
+        use crate::health::{BusHealth, Observed, RedisHealth, millis};
+        let inner = &self.inner;
+        let redis = match inner.store.connection().ping().await {
+            Ok(rtt) => RedisHealth {
+                reachable: true,
+                latency_micros: Some(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX)),
+                error: None,
+            },
+            Err(e) => RedisHealth {
+                reachable: false,
+                latency_micros: None,
+                error: Some(e.to_string()),
+            },
+        };
+        let bus = inner.bus.stats();
+        let now = invalidation::message::now_micros();
+        let since = |micros: u64| (micros > 0).then(|| now.saturating_sub(micros) / 1000);
+        let stats = self.stats();
+        let hits = stats.l1_hits + stats.l2_hits + stats.stale_served;
+        crate::Health::judge(
+            &inner.namespace,
+            Observed {
+                redis,
+                bus: BusHealth {
+                    connected: bus.connected,
+                    down_for_ms: since(bus.down_since_micros).unwrap_or(0),
+                    bound_ms: millis(inner.bus.config().bound()),
+                    last_message_age_ms: since(bus.last_message_micros),
+                    gaps: bus.gaps,
+                    malformed: bus.malformed,
+                    lag_p99_micros: bus.lag_p99_micros,
+                },
+                breaker: inner.breaker.state_now(),
+                hits,
+                reads: hits + stats.misses,
+                floor: inner.hit_ratio_floor,
+            },
+        )
     }
 
     /// The invalidation bus this cache listens on (its counters: [`invalidation::Bus::stats`]).

@@ -97,12 +97,16 @@ mod cache;
 mod coherence;
 mod error;
 mod flight;
+mod health;
 mod options;
 
 pub use breaker::BreakerState;
 pub use builder::{DEFAULT_LOCK_TTL, DEFAULT_MAX_LOAD_TIME, DEFAULT_TTL, TieredCacheBuilder};
 pub use cache::{BoxError, CacheStats, Loaded, TieredCache};
 pub use error::{Error, Result};
+pub use health::{
+    BusHealth, DEFAULT_HIT_RATIO_FLOOR, Health, HealthStatus, MIN_READS_FOR_HIT_RATIO, RedisHealth,
+};
 pub use invalidation;
 pub use l1;
 pub use l2;
@@ -128,6 +132,7 @@ mod tests {
         is_send(&cache.set_with("k", &String::new(), opts));
         is_send(&cache.invalidate("k"));
         is_send(&cache.clear());
+        is_send(&cache.health());
         is_send(&cache.get_or_set_many(&["a"], |_keys: Vec<String>| async {
             Ok::<_, std::io::Error>(Vec::<(String, String)>::new())
         }));

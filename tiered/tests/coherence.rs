@@ -405,3 +405,38 @@ async fn concurrent_writers_converge_to_what_redis_holds() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_ok_then_not_ready_while_the_bus_is_down_then_ok_again() {
+    let mut server = RedisServer::start();
+    let cache = coherent_node(&server, "health").await;
+    cache.set("k", &"v".to_string()).await.unwrap();
+    for _ in 0..200 {
+        cache.get("k").await.unwrap();
+    }
+    let h = cache.health().await;
+    assert_eq!(h.status, tiered::HealthStatus::Ok, "{h:?}");
+    assert!(h.ready && h.redis.reachable && h.bus.connected);
+    assert!(h.hit_ratio > 0.99, "{h:?}");
+    assert_eq!(h.bus.bound_ms, 500);
+
+    server.pause();
+    // Longer than the bound (P + T = 500 ms) plus a heartbeat to notice.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let h = cache.health().await;
+    assert_eq!(h.status, tiered::HealthStatus::Failed, "{h:?}");
+    assert!(!h.ready && !h.redis.reachable && !h.bus.connected);
+    assert!(h.bus.down_for_ms > 500, "{h:?}");
+    assert!(
+        h.reasons.iter().any(|r| r.contains("bus")),
+        "{:?}",
+        h.reasons
+    );
+
+    server.resume();
+    eventually(SOON, "ready again", || async { cache.health().await.ready }).await;
+    eventually(SOON, "ok again", || async {
+        cache.health().await.status == tiered::HealthStatus::Ok
+    })
+    .await;
+}
