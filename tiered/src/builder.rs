@@ -264,7 +264,6 @@ where
         }
         let l1 = l1.build();
         let (tx, rx) = watch::channel(());
-        spawn_maintenance(l1.clone(), rx.clone());
         let inner = Inner {
             namespace: namespace.into(),
             space,
@@ -287,6 +286,8 @@ where
         };
         let inner = Arc::new(inner);
         crate::coherence::listen(&inner, &bus, &channel).await?;
+        crate::metrics::describe();
+        spawn_maintenance(Arc::downgrade(&inner), inner.closed.clone());
         let lifeline = Lifeline { _close: tx };
         Ok(TieredCache {
             inner,
@@ -295,21 +296,23 @@ where
     }
 }
 
-/// Runs L1's maintenance (expiry, eviction to the budget, counters) every second, so an idle
-/// cache still shrinks; stops with the cache.
-fn spawn_maintenance<V: Send + Sync + 'static>(
-    l1: LocalCache<crate::cache::Held<V>>,
-    mut closed: watch::Receiver<()>,
-) {
+/// Every second: runs L1's maintenance (expiry, eviction to the budget, counters), so an idle
+/// cache still shrinks, and exports the counters to the `metrics` facade. Stops with the cache.
+fn spawn_maintenance<V>(inner: std::sync::Weak<Inner<V>>, mut closed: watch::Receiver<()>)
+where
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    let Some(inner) = inner.upgrade() else { return };
                     // Maintenance can take a while under heavy writes: off the async workers.
-                    let l1 = l1.clone();
+                    let l1 = inner.l1.clone();
                     let _ = tokio::task::spawn_blocking(move || l1.run_pending_tasks()).await;
+                    crate::metrics::export(&inner);
                 }
                 _ = closed.changed() => return,
             }

@@ -98,6 +98,7 @@ mod coherence;
 mod error;
 mod flight;
 mod health;
+mod metrics;
 mod options;
 
 pub use breaker::BreakerState;
