@@ -46,6 +46,7 @@ pub struct TieredCacheBuilder<V> {
     breaker_threshold: u32,
     breaker_cooldown: Duration,
     hit_ratio_floor: f64,
+    trace_keys: bool,
     _type: PhantomData<fn() -> V>,
 }
 
@@ -84,6 +85,7 @@ where
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(1),
             hit_ratio_floor: crate::DEFAULT_HIT_RATIO_FLOOR,
+            trace_keys: false,
             _type: PhantomData,
         }
     }
@@ -201,6 +203,13 @@ where
         self
     }
 
+    /// Shows keys as they are in tracing spans. Keys can carry user data (emails, ids), so
+    /// by default spans show a 64-bit hash of the key instead. Default: false.
+    pub fn trace_keys(mut self, raw: bool) -> Self {
+        self.trace_keys = raw;
+        self
+    }
+
     /// Connects (unless given a connection), subscribes to the lock notices and builds the
     /// cache. Must run inside a tokio runtime.
     ///
@@ -283,6 +292,7 @@ where
             bus: bus.clone(),
             writes: Writes::default(),
             hit_ratio_floor: self.hit_ratio_floor,
+            trace_keys: self.trace_keys,
         };
         let inner = Arc::new(inner);
         crate::coherence::listen(&inner, &bus, &channel).await?;

@@ -20,6 +20,8 @@ use crate::breaker::{Breaker, BreakerState};
 use crate::error::{Error, Result};
 use crate::flight::{FlightToken, Flights};
 use crate::options::EntryOptions;
+use crate::trace;
+use tracing::Instrument;
 
 /// What a loader's error may be: anything that converts into a boxed error (`std` errors,
 /// `anyhow::Error`, strings).
@@ -298,6 +300,7 @@ pub(crate) struct Inner<V> {
     pub(crate) bus: invalidation::Bus,
     pub(crate) writes: Writes,
     pub(crate) hit_ratio_floor: f64,
+    pub(crate) trace_keys: bool,
 }
 
 /// Dropped with the last [`TieredCache`] handle: ends the background tasks and lets go of the
@@ -453,15 +456,24 @@ where
         E: Into<BoxError>,
     {
         let candidate = match self.inner.l1_lookup(key, options) {
-            Ok(hit) => return found(key, hit),
+            Ok(hit) => {
+                // The hit path builds its span only if DEBUG is enabled (one atomic load).
+                if tracing::level_enabled!(tracing::Level::DEBUG) {
+                    let span = self.inner.span("get_or_set", key);
+                    trace::answered(&span, "l1", "hit");
+                }
+                return found(key, hit);
+            }
             Err(candidate) => candidate,
         };
+        let span = self.inner.span("get_or_set", key);
         // Stale inside the window with its refresh already running: answer without building
         // anything for a load that will not run.
         if let Some(stale) = self
             .inner
             .stale_while_refreshing(key, candidate.as_deref(), options)
         {
+            trace::answered(&span, "l1", "stale");
             return found(key, stale);
         }
         let loader: Loader<V> = Box::new(move || {
@@ -469,8 +481,12 @@ where
         });
         // Boxed, so the future of a hit stays small (a hit would otherwise copy the whole
         // slow path's state around).
-        let value = Box::pin(self.inner.slow(key, *options, Some(loader), candidate)).await?;
-        found(key, value)
+        let result = Box::pin(self.inner.slow(key, *options, Some(loader), candidate))
+            .instrument(span.clone())
+            .await
+            .and_then(|value| found(key, value));
+        trace::outcome(&span, &result);
+        result
     }
 
     /// The value of `key` if either tier has it (fresh, or stale inside the
@@ -492,8 +508,21 @@ where
     /// As [`TieredCache::get`].
     pub async fn get_with(&self, key: &str, options: EntryOptions) -> Result<Option<V>> {
         match self.inner.l1_lookup(key, &options) {
-            Ok(hit) => Ok(hit),
-            Err(candidate) => Box::pin(self.inner.slow(key, options, None, candidate)).await,
+            Ok(hit) => {
+                if tracing::level_enabled!(tracing::Level::DEBUG) {
+                    let span = self.inner.span("get", key);
+                    trace::answered(&span, "l1", "hit");
+                }
+                Ok(hit)
+            }
+            Err(candidate) => {
+                let span = self.inner.span("get", key);
+                let result = Box::pin(self.inner.slow(key, options, None, candidate))
+                    .instrument(span.clone())
+                    .await;
+                trace::outcome(&span, &result);
+                result
+            }
         }
     }
 
@@ -516,6 +545,16 @@ where
     /// # Errors
     /// As [`TieredCache::set`].
     pub async fn set_with(&self, key: &str, value: &V, options: EntryOptions) -> Result<u64> {
+        let span = self.inner.span("set", key);
+        let result = self
+            .set_inner(key, value, options)
+            .instrument(span.clone())
+            .await;
+        trace::outcome(&span, &result);
+        result
+    }
+
+    async fn set_inner(&self, key: &str, value: &V, options: EntryOptions) -> Result<u64> {
         let inner = &self.inner;
         // Announcements from other nodes that arrive while this write is on its way must keep
         // its (then older) value out of L1: watch for them from before the write.
@@ -579,6 +618,13 @@ where
     /// # Errors
     /// [`Error::L2`] if Redis does not acknowledge the delete (L1 is cleared anyway).
     pub async fn invalidate(&self, key: &str) -> Result<u64> {
+        let span = self.inner.span("invalidate", key);
+        let result = self.invalidate_inner(key).instrument(span.clone()).await;
+        trace::outcome(&span, &result);
+        result
+    }
+
+    async fn invalidate_inner(&self, key: &str) -> Result<u64> {
         let inner = &self.inner;
         inner.detach(key);
         inner.l1.invalidate(key);
@@ -611,6 +657,13 @@ where
     /// [`Error::L2`] if Redis fails; this node's L1 is dropped anyway, and other nodes are
     /// told as soon as the delete is done.
     pub async fn clear(&self) -> Result<u64> {
+        let span = trace::span_all("clear", &self.inner.namespace);
+        let result = self.clear_inner().instrument(span.clone()).await;
+        trace::outcome(&span, &result);
+        result
+    }
+
+    async fn clear_inner(&self) -> Result<u64> {
         let inner = &self.inner;
         self.invalidate_local();
         let deleted = inner.store.clear(&inner.space).await;
@@ -663,7 +716,12 @@ where
         I: IntoIterator<Item = (String, V)>,
         E: Into<BoxError>,
     {
-        crate::batch::get_or_set_many(self, keys, self.inner.defaults, load).await
+        let span = trace::span_all("get_or_set_many", &self.inner.namespace);
+        let result = crate::batch::get_or_set_many(self, keys, self.inner.defaults, load)
+            .instrument(span.clone())
+            .await;
+        trace::outcome(&span, &result);
+        result
     }
 
     /// The circuit breaker's state.
@@ -867,6 +925,11 @@ where
         }
         bump(&self.counters.stale_served);
         Some(held.value.clone())
+    }
+
+    /// A span for operation `op` on `key` (see [`trace`]).
+    fn span(&self, op: &'static str, key: &str) -> tracing::Span {
+        trace::span(op, &self.namespace, key, self.trace_keys)
     }
 
     /// Drops this node's L1 and detaches every load in flight.
@@ -1150,6 +1213,7 @@ where
                     if let LockAttempt::Taken(lock) = &attempt {
                         let _ = self.store.unlock(lock).await;
                     }
+                    trace::tier("l2");
                     bump(&self.counters.l2_hits);
                     let entry = self.entry_from_l2(&f, &opts);
                     self.fill(&key, entry, &opts, &token).await;
@@ -1352,6 +1416,7 @@ where
             }
         };
         bump(&self.counters.loads);
+        trace::tier("loader");
         let Loaded { value, ttl } = loaded;
         if value.is_none() {
             bump(&self.counters.not_found);

@@ -100,6 +100,7 @@ mod flight;
 mod health;
 mod metrics;
 mod options;
+mod trace;
 
 pub use breaker::BreakerState;
 pub use builder::{DEFAULT_LOCK_TTL, DEFAULT_MAX_LOAD_TIME, DEFAULT_TTL, TieredCacheBuilder};
