@@ -9,6 +9,11 @@
 //! is slow or down, L1 hits are unaffected, misses go to the loader within bounded timeouts, and
 //! a circuit breaker stops paying a timeout per call.
 //!
+//! To watch it: [`TieredCache::health`] (a serializable [`Health`] for readiness and status
+//! endpoints), [`TieredCache::stats`], metrics through the `metrics` facade (exported every
+//! second, names starting with `tiered_`), and one `tiered` tracing span per operation at
+//! DEBUG (keys hashed unless [`TieredCacheBuilder::trace_keys`]).
+//!
 //! What it is not for: a general Redis client, or a store of record: everything here may be
 //! evicted at any time and reloaded from the source.
 //!
