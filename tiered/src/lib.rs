@@ -100,6 +100,7 @@ mod breaker;
 mod builder;
 mod cache;
 mod coherence;
+mod config;
 mod error;
 mod flight;
 mod health;
@@ -110,6 +111,7 @@ mod trace;
 pub use breaker::BreakerState;
 pub use builder::{DEFAULT_LOCK_TTL, DEFAULT_MAX_LOAD_TIME, DEFAULT_TTL, TieredCacheBuilder};
 pub use cache::{BoxError, CacheStats, Loaded, TieredCache};
+pub use config::CacheConfig;
 pub use error::{Error, Result};
 pub use health::{
     BusHealth, DEFAULT_HIT_RATIO_FLOOR, Health, HealthStatus, MIN_READS_FOR_HIT_RATIO, RedisHealth,
