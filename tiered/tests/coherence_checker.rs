@@ -3,6 +3,8 @@
 //! recorded, and `testkit::coherence::check` fails any read older than the newest change
 //! acknowledged more than Δ before it.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,12 +44,7 @@ fn checker_node() {
         .unwrap()
         .parse()
         .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    common::node_runtime().block_on(async move {
         let cache: TieredCache<String> = TieredCache::builder()
             .namespace("checker")
             .redis_url(url)

@@ -2,6 +2,8 @@
 //! callers each ask for one cold key at once. Loads are counted with INCR on the test's own
 //! Redis.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -22,12 +24,7 @@ fn node_process() {
     };
     let addr: SocketAddr = std::env::var("TIERED_NODE_ADDR").unwrap().parse().unwrap();
     let kill_mode = std::env::var("TIERED_NODE_MODE").as_deref() == Ok("kill");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    common::node_runtime().block_on(async move {
         let cache: TieredCache<String> = TieredCache::builder()
             .namespace("xproc")
             .redis_url(url)

@@ -109,3 +109,13 @@ pub fn calls(server: &RedisServer, command: &str) -> u64 {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// The runtime of a helper node process (an OS process re-running a test binary): two
+/// worker threads, as a small service would have.
+pub fn node_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
