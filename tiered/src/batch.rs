@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use l2::{EntryMeta, Key, Lock};
+use l2::{Key, Lock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -176,14 +176,9 @@ async fn resolve_many<V, F, Fut, I, E>(
         }
     };
     bump(&inner.counters.loads);
-    let fresh = opts.jittered_ttl();
-    let life = fresh + opts.swr.max(opts.fail_safe_max);
-    let meta = EntryMeta {
-        write_version: 0,
-        fresh_for: fresh,
-        stale_for: life,
-    };
-    let negative = opts.negative_ttl.map(EntryMeta::new);
+    let meta = opts.value_meta(None);
+    let life = meta.stale_for;
+    let negative = opts.absent_meta(None);
     // Encode each result; write those we hold the lock of, in one round trip per kind.
     let mut writes: Vec<(Lock, Vec<u8>)> = Vec::new();
     let mut negative_writes: Vec<(Lock, Vec<u8>)> = Vec::new();
@@ -192,8 +187,8 @@ async fn resolve_many<V, F, Fut, I, E>(
     for ((claim, _), lock) in claims.into_iter().zip(locks) {
         let value = map.remove(claim.key());
         let encoded = match (&value, &negative) {
-            (Some(v), _) => inner.codec.encode(v, &meta).ok(),
-            (None, Some(neg)) => inner.codec.encode_absent(neg).ok(),
+            (Some(_), _) => inner.encode_loaded(value.as_ref(), &meta).ok(),
+            (None, Some(neg)) => inner.encode_loaded(None, neg).ok(),
             (None, None) => None,
         };
         let weight = encoded.as_ref().map_or(0, Vec::len);
@@ -238,10 +233,11 @@ async fn resolve_many<V, F, Fut, I, E>(
             continue;
         };
         if value.is_some() || negative.is_some() {
-            let (f, l) = match (&value, &negative) {
-                (None, Some(neg)) => (neg.fresh_for, neg.stale_for),
-                _ => (fresh, life),
+            let lifetimes = match (&value, &negative) {
+                (None, Some(neg)) => neg,
+                _ => &meta,
             };
+            let (f, l) = (lifetimes.fresh_for, lifetimes.stale_for);
             let key: Arc<str> = claim.key().into();
             let entry = inner
                 .entry(value.clone(), weight, f, l, &opts)

@@ -560,13 +560,8 @@ where
         // its (then older) value out of L1: watch for them from before the write.
         let watch = inner.writes.begin(key);
         inner.detach(key);
-        let fresh = options.jittered_ttl();
-        let life = fresh + options.swr.max(options.fail_safe_max);
-        let meta = EntryMeta {
-            write_version: 0,
-            fresh_for: fresh,
-            stale_for: life,
-        };
+        let meta = options.value_meta(None);
+        let (fresh, life) = (meta.fresh_for, meta.stale_for);
         let bytes = inner.codec.encode(value, &meta)?;
         let mut version = 0;
         if !options.skip_l2 {
@@ -950,6 +945,14 @@ where
     pub(crate) fn detach(&self, key: &str) {
         self.loads.invalidate(key);
         self.reads.invalidate(key);
+    }
+
+    /// The bytes a loaded result is written as: the value, or an "absent" marker.
+    pub(crate) fn encode_loaded(&self, value: Option<&V>, meta: &EntryMeta) -> l2::Result<Vec<u8>> {
+        match value {
+            Some(v) => self.codec.encode(v, meta),
+            None => self.codec.encode_absent(meta),
+        }
     }
 
     /// Feeds the breaker with the outcome of an L2 call.
@@ -1421,31 +1424,21 @@ where
         if value.is_none() {
             bump(&self.counters.not_found);
         }
-        let (fresh, life) = match (&value, opts.negative_ttl) {
-            (Some(_), _) => {
-                let fresh = ttl.unwrap_or_else(|| opts.jittered_ttl());
-                (fresh, fresh + opts.swr.max(opts.fail_safe_max))
-            }
-            (None, Some(negative)) => {
-                let fresh = ttl.unwrap_or(negative);
-                (fresh, fresh)
-            }
-            (None, None) => {
-                if let Some(lock) = guard.take() {
-                    let _ = self.store.unlock(&lock).await;
+        let meta = match &value {
+            Some(_) => opts.value_meta(ttl),
+            None => match opts.absent_meta(ttl) {
+                Some(meta) => meta,
+                // "Not found" is not cached: release the lock and answer.
+                None => {
+                    if let Some(lock) = guard.take() {
+                        let _ = self.store.unlock(&lock).await;
+                    }
+                    return Ok(None);
                 }
-                return Ok(None);
-            }
+            },
         };
-        let meta = EntryMeta {
-            write_version: 0,
-            fresh_for: fresh,
-            stale_for: life,
-        };
-        let encoded = match &value {
-            Some(v) => self.codec.encode(v, &meta),
-            None => self.codec.encode_absent(&meta),
-        };
+        let (fresh, life) = (meta.fresh_for, meta.stale_for);
+        let encoded = self.encode_loaded(value.as_ref(), &meta);
         let mut weight = 0;
         let mut may_fill = true;
         let mut version = 0;

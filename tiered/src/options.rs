@@ -153,6 +153,24 @@ impl EntryOptions {
         self.ttl + self.swr.max(self.fail_safe_max)
     }
 
+    /// The lifetimes of a value written now: fresh for `ttl` (the loader's) or the jittered
+    /// TTL, kept for the longer of the stale-while-revalidate window and the fail-safe max.
+    pub(crate) fn value_meta(&self, ttl: Option<Duration>) -> l2::EntryMeta {
+        let fresh = ttl.unwrap_or_else(|| self.jittered_ttl());
+        l2::EntryMeta {
+            write_version: 0,
+            fresh_for: fresh,
+            stale_for: fresh + self.swr.max(self.fail_safe_max),
+        }
+    }
+
+    /// The lifetimes of a cached "not found" (`ttl`, the loader's, or the negative TTL, with
+    /// no stale window), or `None` when "not found" is not cached.
+    pub(crate) fn absent_meta(&self, ttl: Option<Duration>) -> Option<l2::EntryMeta> {
+        let negative = self.negative_ttl?;
+        Some(l2::EntryMeta::new(ttl.unwrap_or(negative)))
+    }
+
     /// The TTL with jitter applied: in `[ttl - jitter, ttl]`, never below half the TTL.
     pub(crate) fn jittered_ttl(&self) -> Duration {
         let cut = self.jitter.min(self.ttl / 2);
