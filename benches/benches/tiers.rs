@@ -23,28 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Profile {
-    id: u64,
-    name: String,
-    email: String,
-    tags: Vec<String>,
-    bio: String,
-    scores: Vec<u32>,
-}
-
-fn profile() -> Profile {
-    Profile {
-        id: 42,
-        name: "Alice Example".into(),
-        email: "alice@example.com".into(),
-        tags: (0..8).map(|i| format!("tag-{i}")).collect(),
-        bio: "x".repeat(700),
-        scores: (0..40).collect(),
-    }
-}
+use benches::{Profile, profile};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

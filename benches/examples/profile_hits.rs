@@ -17,22 +17,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Profile {
-    id: u64,
-    name: String,
-    bio: String,
-    scores: Vec<u32>,
-}
-
-fn profile() -> Profile {
-    Profile {
-        id: 42,
-        name: "Alice Example".into(),
-        bio: "x".repeat(700),
-        scores: (0..40).collect(),
-    }
-}
+use benches::{Profile, profile};
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "l1".into());
