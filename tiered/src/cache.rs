@@ -724,6 +724,19 @@ where
         self.inner.breaker.state_now()
     }
 
+    /// Whether this node's L1 holds a fresh entry for `key`, so a read now would be an L1 hit
+    /// (a diagnostic: another node's write may evict it a moment later). Counts nothing.
+    ///
+    /// ```no_run
+    /// # async fn f(cache: tiered::TieredCache<String>) {
+    /// let tier = if cache.is_fresh_locally("user:42") { "l1" } else { "l2 or load" };
+    /// # let _ = tier;
+    /// # }
+    /// ```
+    pub fn is_fresh_locally(&self, key: &str) -> bool {
+        self.inner.l1.get(key).is_some_and(|entry| entry.is_fresh())
+    }
+
     /// Loads and L2 reads in flight in this process.
     pub fn in_flight(&self) -> usize {
         self.inner.loads.len() + self.inner.reads.len()

@@ -147,6 +147,16 @@ impl EntryOptions {
         self
     }
 
+    /// The time to live: how long a written value is fresh.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The stale-while-revalidate window.
+    pub fn swr(&self) -> Duration {
+        self.swr
+    }
+
     /// How long a value written with these options lives in Redis: the TTL plus the longer of
     /// the stale-while-revalidate window and the fail-safe maximum.
     pub fn l2_time_to_live(&self) -> Duration {
