@@ -18,7 +18,10 @@
 //! server.resume();
 //! ```
 
+pub mod cluster;
 pub mod coherence;
+
+pub use cluster::RedisCluster;
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
