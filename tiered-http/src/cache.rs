@@ -384,9 +384,9 @@ impl ResponseCache {
         ResB: Body<Data = Bytes> + Send + 'static,
         ResB::Error: Into<BoxError>,
     {
-        let outcome = self.run_handler(&mut inner, &call).await;
-        call.finished.notify_one();
-        outcome
+        // Wakes this request's caller however the load ends, even if it is dropped.
+        let _finished = Finished(Arc::clone(&call));
+        self.run_handler(&mut inner, &call).await
     }
 
     async fn run_handler<S, ReqB, ResB>(
@@ -550,7 +550,7 @@ impl<B> Call<B> {
 
     /// This request's own answer, when its loader ran (now, or as a background refresh it
     /// will finish).
-    async fn own_answer(&self) -> Option<Response<ResponseBody>> {
+    async fn own_answer(&self, wait: bool) -> Option<Response<ResponseBody>> {
         loop {
             let finished = self.finished.notified();
             if let Some(response) = lock(&self.kept).take() {
@@ -561,6 +561,9 @@ impl<B> Call<B> {
             }
             if let Some(stored) = lock(&self.produced).as_ref() {
                 return Some(respond(stored, CacheStatus::Miss, self.head));
+            }
+            if !wait {
+                return None;
             }
             finished.await;
             if lock(&self.kept).is_none() && lock(&self.produced).is_none() {
@@ -580,7 +583,7 @@ impl<B> Call<B> {
         ResB: Body<Data = Bytes> + Send + 'static,
         ResB::Error: Into<BoxError>,
     {
-        if let Some(response) = self.own_answer().await {
+        if let Some(response) = self.own_answer(true).await {
             return Ok(marked(response, CacheStatus::Miss));
         }
         let request = lock(&self.request).take();
@@ -596,7 +599,9 @@ impl<B> Call<B> {
     /// The load failed: this request's own answer (the handler's 5xx) if it led the load, else
     /// an error status. Waiters do not each retry a failing handler.
     async fn answer_for_error(&self, error: &CacheError) -> Response<ResponseBody> {
-        if let Some(response) = self.own_answer().await {
+        // Past the hard timeout, answer now; otherwise the handler's own answer is coming.
+        let wait = !matches!(error, CacheError::WaitTimeout { .. });
+        if let Some(response) = self.own_answer(wait).await {
             return marked(response, CacheStatus::Miss);
         }
         let status = match error {
@@ -604,6 +609,15 @@ impl<B> Call<B> {
             _ => StatusCode::BAD_GATEWAY,
         };
         failure(status, error)
+    }
+}
+
+/// Tells a request's caller that its loader is over (finished, failed or dropped).
+struct Finished<B>(Arc<Call<B>>);
+
+impl<B> Drop for Finished<B> {
+    fn drop(&mut self) {
+        self.0.finished.notify_one();
     }
 }
 

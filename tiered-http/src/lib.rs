@@ -75,3 +75,8 @@ pub use cache::{
 pub use error::{Error, Result};
 pub use service::{ResponseCacheLayer, ResponseCacheService};
 pub use stored::CachedResponse;
+
+/// The README's examples, compiled as doctests (they use this crate and `tiered`).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

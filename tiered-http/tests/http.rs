@@ -71,6 +71,12 @@ async fn with_headers(
     (status, headers, format!("headers {n}"))
 }
 
+async fn sleepy(State(c): State<Shared>) -> impl IntoResponse {
+    c.other.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    "finally"
+}
+
 async fn product(State(c): State<Shared>) -> impl IntoResponse {
     let n = c.products.fetch_add(1, Ordering::SeqCst);
     format!("product {n}")
@@ -105,6 +111,7 @@ fn app(cache: &ResponseCache, counts: Shared) -> Router {
         .route("/big", get(big))
         .route("/flaky", get(flaky))
         .route("/admin", get(other))
+        .route("/sleepy", get(sleepy))
         .with_state(counts)
         .layer(cache.layer())
 }
@@ -132,6 +139,13 @@ async fn cache_for(redis: &RedisServer, namespace: &str) -> ResponseCache {
                 .stale_while_revalidate(Duration::from_secs(30)),
         )
         .route("/admin", Route::uncached())
+        .route(
+            "/sleepy",
+            Route::tagged("sleepy").options(
+                tiered::EntryOptions::new(Duration::from_secs(60))
+                    .hard_timeout(Duration::from_millis(100)),
+            ),
+        )
         .build()
         .await
         .expect("build the response cache")
@@ -513,4 +527,28 @@ async fn bad_settings_are_refused_with_the_setting_named() {
     assert!(err.to_string().contains("vary"), "{err}");
     let err = ResponseCache::builder().build().await.unwrap_err();
     assert!(err.to_string().contains("redis_url"), "{err}");
+}
+
+#[tokio::test]
+async fn a_slow_handler_gets_a_gateway_timeout_and_its_answer_lands_later() {
+    let redis = RedisServer::start();
+    let cache = cache_for(&redis, "sleepy").await;
+    let counts = Shared::default();
+    let node = app(&cache, counts.clone());
+    let started = std::time::Instant::now();
+    let answer = get_(&node, "/sleepy").await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = get_(&node, "/sleepy").await;
+    assert_eq!(
+        (later.status, later.body.as_str()),
+        (StatusCode::OK, "finally")
+    );
+    assert_eq!(later.x_cache.as_deref(), Some("HIT"));
+    assert_eq!(counts.other.load(Ordering::SeqCst), 1);
 }

@@ -147,7 +147,3 @@ mod tests {
         }));
     }
 }
-
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct ReadmeDoctests;
