@@ -1,304 +1,182 @@
-//! The main job: two cache nodes share one Redis in front of a slow "database". Each node is a
-//! `TieredCache` with its own L1 (moka), its own Redis connections and its own invalidation bus.
-//! The demo shows one database load for 400 concurrent callers on two nodes, L1 and L2 hits, a
-//! write on one node evicting the other's copy within a millisecond or so, stale-while-
-//! revalidate, fail-safe while the database is down, and foreign bytes in Redis handled as a
-//! counted miss.
+//! The main job: several cache nodes, each a separate process with its own `TieredCache` (its
+//! own L1 on moka, its own Redis connections, its own invalidation bus), share one Redis in
+//! front of a slow database, under a Zipf read/write workload.
 //!
-//! Uses `REDIS_URL` when set; otherwise starts a private redis-server on a free port.
+//! It shows what the cache does for a service: most reads are answered from L1 in about a
+//! microsecond, most of the rest from Redis in a hundred or two, and only a few reach the
+//! database (about one load per key, however many nodes ask); writes on one node evict the other
+//! nodes' copies within a millisecond or so; and the merged history of every operation on
+//! every node passes the coherence checker (`testkit::coherence`): no read returns anything
+//! older than the newest change acknowledged more than Δ before it.
+//!
+//! The "database" is a set of Redis hashes of its own (`demo-db:<run>:<key>`, a value and a
+//! version), shared by all nodes, with a sleep of `--db-latency` before every query. A write
+//! updates the row (which assigns its version) and then `set`s the cache; a delete removes
+//! the row's value and then `invalidate`s the cache; a read is `get_or_set` with a loader that
+//! reads the row.
+//!
+//! Uses `REDIS_URL` when set (and checks it answers first); otherwise starts a private
+//! `redis-server` on a free port and says so. Every run uses a namespace of its own.
 //!
 //! ```text
 //! cargo run --release -p demo
+//! cargo run --release -p demo -- --nodes 2 --duration 3s
+//! cargo run --release -p demo -- --keys 100000 --zipf 0.8 --write-ratio 0.01 --l1-bytes 4MiB
+//! cargo run --release -p demo -- --ttl 2s --swr 1s --db-latency 50ms --workers 8
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --release -p demo
 //! ```
+//!
+//! It prints a progress bar while it runs, then a summary: requests, the share of reads and
+//! their latency (p50/p99) per tier, database loads against reads, the invalidation lag, and
+//! the checker's verdict. It exits with 0 when the history is coherent, 1 when it is not or
+//! something failed (Redis unreachable, a node crashed), and 2 on a bad flag.
 
-use std::error::Error as StdError;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+mod coordinator;
+mod db;
+mod node;
+mod stats;
+mod summary;
 
-use serde::{Deserialize, Serialize};
-use tiered::{EntryOptions, TieredCache};
+use std::process::ExitCode;
+use std::time::Duration;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct User {
-    id: u64,
-    name: String,
-    email: String,
-    roles: Vec<String>,
+use clap::{Args, Parser, Subcommand};
+
+/// Runs several TieredCache nodes over a shared Redis and a slow database, then prints how
+/// the tiers did and whether the cache stayed coherent.
+#[derive(Debug, Parser)]
+#[command(name = "demo", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    role: Option<Role>,
 }
 
-const NAMESPACE: &str = "demo-users";
-const DB_LATENCY: Duration = Duration::from_millis(50);
-const L1_TTL: Duration = Duration::from_millis(500);
-
-/// A slow database that counts its queries and can be switched off.
-#[derive(Debug, Default)]
-struct Db {
-    queries: AtomicU64,
-    version: AtomicU64,
-    down: AtomicBool,
+/// The hidden roles of the executable.
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// One node process, started by the coordinator (not for direct use).
+    #[command(hide = true)]
+    Node {
+        /// The node's index.
+        index: u32,
+        /// Its settings, as JSON.
+        settings: String,
+    },
 }
 
-impl Db {
-    async fn load_user(&self, id: u64) -> Result<User, std::io::Error> {
-        self.queries.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(DB_LATENCY).await;
-        if self.down.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other("database unreachable"));
+/// The workload and cache settings of a run.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RunArgs {
+    /// Node processes, each with its own cache.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) nodes: u32,
+    /// How long the workload runs (`10s`, `1m`, `500ms`).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// How many distinct keys.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) keys: u64,
+    /// The share of operations that write (a tenth of them delete), from 0 to 1.
+    #[arg(long, default_value_t = 0.05)]
+    pub(crate) write_ratio: f64,
+    /// Each node's L1 budget in bytes (`16777216`, or with a binary suffix: `16MiB`, `512K`).
+    #[arg(long, default_value = "16MiB", value_parser = stats::parse_bytes)]
+    pub(crate) l1_bytes: u64,
+    /// How long a cached value is fresh.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) ttl: Duration,
+    /// The stale-while-revalidate window after the TTL (`0s`: off).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub(crate) swr: Duration,
+    /// The simulated database's latency, slept before every query.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub(crate) db_latency: Duration,
+    /// The Zipf exponent of key popularity (0: uniform; 1: the classic skew).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) zipf: f64,
+    /// Concurrent worker tasks per node.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) workers: u32,
+}
+
+impl RunArgs {
+    /// Checks the values make sense; the message names the flag that does not.
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=32).contains(&self.nodes) {
+            return Err(format!("--nodes must be 1 to 32, not {}", self.nodes));
         }
-        Ok(user(id, self.version.load(Ordering::SeqCst)))
-    }
-}
-
-fn user(id: u64, version: u64) -> User {
-    User {
-        id,
-        name: format!("user {id}, v{version}"),
-        email: format!("user{id}@example.com"),
-        roles: vec!["admin".into(), "billing".into()],
-    }
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-async fn node(url: &str, options: EntryOptions) -> tiered::Result<TieredCache<User>> {
-    TieredCache::builder()
-        .namespace(NAMESPACE)
-        .redis_url(url)
-        .l1_max_bytes(8 << 20)
-        .default_options(options)
-        .build()
-        .await
-}
-
-fn loader(
-    db: &Arc<Db>,
-    id: u64,
-) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<User, std::io::Error>> + Send>>
-+ Send
-+ 'static {
-    let db = Arc::clone(db);
-    move || Box::pin(async move { db.load_user(id).await })
-}
-
-async fn run() -> Result<(), Box<dyn StdError>> {
-    let (url, _server) = match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("Using the Redis at REDIS_URL.");
-            (url, None)
+        if !(1..=256).contains(&self.workers) {
+            return Err(format!("--workers must be 1 to 256, not {}", self.workers));
         }
-        Err(_) => {
-            let server = testkit::RedisServer::start();
-            println!(
-                "REDIS_URL is not set: started a private redis-server on 127.0.0.1:{}.",
-                server.port()
-            );
-            (server.url(), Some(server))
+        if !(1..=10_000_000).contains(&self.keys) {
+            return Err(format!("--keys must be 1 to 10000000, not {}", self.keys));
         }
-    };
-    let options = EntryOptions::new(Duration::from_secs(2))
-        .l1_time_to_live(L1_TTL)
-        .stale_while_revalidate(Duration::from_secs(30))
-        .fail_safe(Duration::from_secs(300))
-        .fail_safe_throttle(Duration::from_secs(1));
-    let a = node(&url, options).await?;
-    let b = node(&url, options).await?;
-    for key in ["42", "7", "9"] {
-        a.invalidate(key).await?;
-    }
-    let db = Arc::new(Db::default());
-
-    println!(
-        "\n1. 200 callers on node A and 200 on node B ask for cold user 42 at once \
-         (the database takes {DB_LATENCY:?}):"
-    );
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..400 {
-        let cache = if i % 2 == 0 { a.clone() } else { b.clone() };
-        let load = loader(&db, 42);
-        tasks.push(tokio::spawn(
-            async move { cache.get_or_set("42", load).await },
-        ));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    println!(
-        "   all 400 answered in {:?}; database queries: {}",
-        start.elapsed(),
-        db.queries.load(Ordering::SeqCst)
-    );
-
-    let got = b.get_or_set("42", loader(&db, 42)).await?;
-    println!("2. node B reads again: {} (from its L1)", got.name);
-
-    println!(
-        "\n3. The database changes and node A writes v1; the write announces itself on the \
-         invalidation bus, and node B's L1 copy is evicted:"
-    );
-    db.version.store(1, Ordering::SeqCst);
-    let fresh = db.load_user(42).await?;
-    let written_at = Instant::now();
-    let version = a.set("42", &fresh).await?;
-    let mut got = b.get_or_set("42", loader(&db, 42)).await?;
-    while got.name != "user 42, v1" && written_at.elapsed() < Duration::from_secs(2) {
-        tokio::task::yield_now().await;
-        got = b.get_or_set("42", loader(&db, 42)).await?;
-    }
-    println!(
-        "   node B reads {} (write version {version}) {:?} after node A's write started",
-        got.name,
-        written_at.elapsed()
-    );
-
-    println!("\n4. User 42's TTL (2 s) passes; inside the stale-while-revalidate window:");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    db.version.store(2, Ordering::SeqCst);
-    let before = db.queries.load(Ordering::SeqCst);
-    let t = Instant::now();
-    let got = b.get_or_set("42", loader(&db, 42)).await?;
-    println!(
-        "   node B answers at once with the stale value ({}, in {:?}) and refreshes in the background",
-        got.name,
-        t.elapsed()
-    );
-    tokio::time::sleep(DB_LATENCY * 3).await;
-    let got = b.get_or_set("42", loader(&db, 42)).await?;
-    println!(
-        "   a moment later: {} ({} database query for the refresh)",
-        got.name,
-        db.queries.load(Ordering::SeqCst) - before
-    );
-
-    println!(
-        "\n5. The database goes down after user 7 was cached and went stale (this call allows no"
-    );
-    println!("   stale-while-revalidate, so only fail-safe can answer):");
-    a.get_or_set("7", loader(&db, 7)).await?;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    db.down.store(true, Ordering::SeqCst);
-    let stale_options = options.stale_while_revalidate(Duration::ZERO);
-    match a.get_or_set_with("7", stale_options, loader(&db, 7)).await {
-        Ok(u) => println!("   fail-safe serves the last value: {}", u.name),
-        Err(e) => println!("   error: {e}"),
-    }
-    match a.get_or_set("404", loader(&db, 404)).await {
-        Ok(u) => println!("   unexpected value: {u:?}"),
-        Err(e) => println!(
-            "   a user never cached gets the error: {e} ({})",
-            e.source().map(|s| s.to_string()).unwrap_or_default()
-        ),
-    }
-    db.down.store(false, Ordering::SeqCst);
-
-    println!("\n6. Latency on node B for a fresh user 9 (medians of many reads):");
-    a.set("9", &user(9, 0)).await?;
-    b.get_or_set("9", loader(&db, 9)).await?;
-    let mut l1_samples = Vec::with_capacity(20_000);
-    for _ in 0..20_000 {
-        let t = Instant::now();
-        let hit = b.get_or_set("9", loader(&db, 9)).await?;
-        l1_samples.push(t.elapsed());
-        std::hint::black_box(hit);
-    }
-    let l2_only = options.skip_l1(true);
-    let mut l2_samples = Vec::with_capacity(1_000);
-    for _ in 0..1_000 {
-        let t = Instant::now();
-        let hit = b.get_with("9", l2_only).await?;
-        l2_samples.push(t.elapsed());
-        std::hint::black_box(hit);
-    }
-    println!(
-        "   L1 hit: {:?}   L2 hit (one round trip + checks + decode): {:?}",
-        median(l1_samples),
-        median(l2_samples)
-    );
-
-    println!("\n7. Someone writes foreign bytes under user 9's key in Redis:");
-    let key = l2::KeySpace::new(NAMESPACE).key("9");
-    a.store()
-        .set_bytes(&key, b"{\"not\":\"ours\"}", Duration::from_secs(60))
-        .await?;
-    let before = db.queries.load(Ordering::SeqCst);
-    let got = b.get_or_set_with("9", l2_only, loader(&db, 9)).await?;
-    println!(
-        "   node B treats them as a miss, evicts them and reloads: {} ({} database query)",
-        got.name,
-        db.queries.load(Ordering::SeqCst) - before
-    );
-
-    let bus = b.bus().stats();
-    println!(
-        "\nNode B's bus: {} messages, propagation lag p50 {} µs / p99 {} µs, {} gaps, {} malformed",
-        bus.received, bus.lag_p50_micros, bus.lag_p99_micros, bus.gaps, bus.malformed
-    );
-    let health = b.health().await;
-    println!(
-        "Node B's health: {:?}, ready {}, redis {} µs, hit ratio {:.1}% (floor {:.0}%){}",
-        health.status,
-        health.ready,
-        health.redis.latency_micros.unwrap_or(0),
-        health.hit_ratio * 100.0,
-        health.hit_ratio_floor * 100.0,
-        if health.reasons.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", health.reasons.join("; "))
+        if !(0.0..=1.0).contains(&self.write_ratio) {
+            return Err(format!(
+                "--write-ratio must be between 0 and 1, not {}",
+                self.write_ratio
+            ));
         }
-    );
-    println!("\nCounters:");
-    println!(
-        "   {:<6} {:>8} {:>8} {:>7} {:>6} {:>6} {:>10} {:>9} {:>10} {:>13}",
-        "node",
-        "L1 hits",
-        "L2 hits",
-        "misses",
-        "loads",
-        "stale",
-        "fail-safe",
-        "lock wait",
-        "hit ratio",
-        "L2 bad bytes"
-    );
-    for (name, cache) in [("A", &a), ("B", &b)] {
-        let s = cache.stats();
-        println!(
-            "   {:<6} {:>8} {:>8} {:>7} {:>6} {:>6} {:>10} {:>9} {:>9.1}% {:>13}",
-            name,
-            s.l1_hits,
-            s.l2_hits,
-            s.misses,
-            s.loads,
-            s.stale_served,
-            s.fail_safe,
-            s.lock_waits,
-            s.hit_ratio() * 100.0,
-            s.l2.decode_errors
-        );
+        if !(0.0..=10.0).contains(&self.zipf) {
+            return Err(format!(
+                "--zipf must be between 0 and 10, not {}",
+                self.zipf
+            ));
+        }
+        if self.duration.is_zero() || self.duration > Duration::from_secs(3600) {
+            return Err("--duration must be above zero and at most 1h".into());
+        }
+        if self.l1_bytes < 1024 {
+            return Err(format!(
+                "--l1-bytes must be at least 1024, not {}",
+                self.l1_bytes
+            ));
+        }
+        if self.ttl < Duration::from_millis(1) {
+            return Err("--ttl must be at least 1ms".into());
+        }
+        if self.db_latency > Duration::from_secs(5) {
+            return Err("--db-latency must be at most 5s (loads time out after 10s)".into());
+        }
+        Ok(())
     }
-    println!(
-        "   database queries in all: {}",
-        db.queries.load(Ordering::SeqCst)
-    );
-    Ok(())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    if let Err(e) = run().await {
-        eprint!("demo: {e}");
-        let mut source = e.source();
-        while let Some(s) = source {
-            eprint!(": {s}");
-            source = s.source();
+/// Why the demo stops early: the message (one line, or a few for a node's stderr) and the exit
+/// code.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    /// A failure of the run (exit code 1).
+    pub(crate) fn run(message: impl Into<String>) -> Self {
+        Failure {
+            code: 1,
+            message: message.into(),
         }
-        eprintln!();
-        std::process::exit(1);
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Role::Node { index, settings }) = cli.role {
+        return node::main(index, &settings);
+    }
+    if let Err(message) = cli.run.validate() {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
+    match coordinator::run(&cli.run) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
     }
 }
