@@ -205,7 +205,14 @@ impl RedisCluster {
                 return false;
             }
             let replication = command_at(node.addr(), &["INFO", "replication"]);
-            !replication.contains("role:slave") || replication.contains("master_link_status:up")
+            if replication.contains("role:slave") {
+                replication.contains("master_link_status:up")
+                    && replication.contains("master_sync_in_progress:0")
+            } else {
+                // A master's replicas are past their initial sync (`state=online`).
+                !replication.contains("state=wait_bgsave")
+                    && !replication.contains("state=send_bulk")
+            }
         })
     }
 
