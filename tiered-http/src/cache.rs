@@ -272,7 +272,7 @@ impl ResponseCache {
         {
             return pass(inner, request, None).await;
         }
-        let route = this.route_for(request.uri().path()).clone();
+        let route = this.route_for(request.uri().path());
         if !route.cached {
             return pass(inner, request, None).await;
         }
@@ -283,7 +283,7 @@ impl ResponseCache {
         {
             return pass(inner, request, Some(CacheStatus::Bypass)).await;
         }
-        let Some(group) = this.groups.get(&route.tag).cloned() else {
+        let Some(group) = this.groups.get(&route.tag) else {
             return pass(inner, request, None).await;
         };
         let key = this.key(&request);
@@ -299,7 +299,7 @@ impl ResponseCache {
                     Some(stored) if satisfies(stored, &request) => {
                         return Ok(respond(stored, label(stored), is_head(&request)));
                     }
-                    Some(_) => return self.reload(inner, request, &group, &key, &route).await,
+                    Some(_) => return self.reload(inner, request, group, &key, route).await,
                     None => return pass(inner, request, Some(CacheStatus::Miss)).await,
                 }
             }
@@ -310,7 +310,8 @@ impl ResponseCache {
         let loader = {
             let call = Arc::clone(&call);
             let cache = self.clone();
-            move || async move { cache.load(inner, call).await }
+            let default_ttl = route.options.ttl();
+            move || async move { cache.load(inner, call, default_ttl).await }
         };
         let result = group.get_or_set_with(&key, route.options, loader).await;
         match result {
@@ -347,7 +348,7 @@ impl ResponseCache {
         std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
         let response = inner.call(request).await?;
         let (parts, body) = response.into_parts();
-        let Some(fresh) = self.inner.storable_for(&probe, &parts, route) else {
+        let Some(fresh) = self.inner.storable_for(&probe, &parts, route.options.ttl()) else {
             return Ok(marked(
                 Response::from_parts(parts, body::boxed(body)),
                 CacheStatus::Miss,
@@ -377,6 +378,7 @@ impl ResponseCache {
         self,
         mut inner: S,
         call: Arc<Call<ReqB>>,
+        default_ttl: Duration,
     ) -> std::result::Result<Loaded<CachedResponse>, BoxError>
     where
         S: Service<Request<ReqB>, Response = Response<ResB>> + Send,
@@ -386,13 +388,14 @@ impl ResponseCache {
     {
         // Wakes this request's caller however the load ends, even if it is dropped.
         let _finished = Finished(Arc::clone(&call));
-        self.run_handler(&mut inner, &call).await
+        self.run_handler(&mut inner, &call, default_ttl).await
     }
 
     async fn run_handler<S, ReqB, ResB>(
         &self,
         inner: &mut S,
         call: &Call<ReqB>,
+        default_ttl: Duration,
     ) -> std::result::Result<Loaded<CachedResponse>, BoxError>
     where
         S: Service<Request<ReqB>, Response = Response<ResB>> + Send,
@@ -401,7 +404,6 @@ impl ResponseCache {
         ResB::Error: Into<BoxError>,
     {
         let request = lock(&call.request).take().ok_or(Gone)?;
-        let route = self.inner.route_for(request.uri().path()).clone();
         let probe = probe(&request);
         std::future::poll_fn(|cx| inner.poll_ready(cx))
             .await
@@ -413,7 +415,7 @@ impl ResponseCache {
             call.keep(Response::from_parts(parts, body::boxed(body)));
             return Err(Box::new(ServerError(status)));
         }
-        let Some(fresh) = self.inner.storable_for(&probe, &parts, &route) else {
+        let Some(fresh) = self.inner.storable_for(&probe, &parts, default_ttl) else {
             call.keep(Response::from_parts(parts, body::boxed(body)));
             return Ok(Loaded::new(CachedResponse::pass()).time_to_live(self.inner.pass_ttl));
         };
@@ -486,7 +488,7 @@ impl Inner {
         &self,
         request: &Request<()>,
         parts: &http::response::Parts,
-        route: &Route,
+        default_ttl: Duration,
     ) -> Option<Duration> {
         let headers = &parts.headers;
         if !self.statuses.contains(&parts.status) || headers.contains_key(header::SET_COOKIE) {
@@ -511,7 +513,7 @@ impl Inner {
         if headers.contains_key(header::CACHE_CONTROL) || headers.contains_key(header::EXPIRES) {
             Some(policy.time_to_live(now)).filter(|ttl| !ttl.is_zero())
         } else {
-            Some(route.options.ttl())
+            Some(default_ttl)
         }
     }
 }
@@ -939,14 +941,15 @@ fn request_allows_storing<B>(request: &Request<B>) -> bool {
 
 /// Whether `stored` meets the request's own limits (`no-cache`, `max-age`, `min-fresh`).
 fn satisfies<B>(stored: &StoredResponse, request: &Request<B>) -> bool {
+    let request = probe(request);
     let policy = CachePolicy::new_options(
-        &probe(request),
+        &request,
         &reference(stored.fresh_for()),
         stored.stored_at(),
         shared(),
     );
     matches!(
-        policy.before_request(&probe(request), SystemTime::now()),
+        policy.before_request(&request, SystemTime::now()),
         BeforeRequest::Fresh(_)
     )
 }
@@ -1037,9 +1040,9 @@ mod tests {
     #[test]
     fn storability_follows_cache_control_and_the_route() {
         let c = inner(vec![], &["accept-language"]);
-        let route = Route::tagged("t").time_to_live(Duration::from_secs(42));
+        let ttl42 = Duration::from_secs(42);
         let req = get("/p", &[]);
-        let ttl = |headers: &[(&str, &str)]| c.storable_for(&req, &response(200, headers), &route);
+        let ttl = |headers: &[(&str, &str)]| c.storable_for(&req, &response(200, headers), ttl42);
         assert_eq!(ttl(&[]), Some(Duration::from_secs(42)));
         assert_eq!(
             ttl(&[("cache-control", "max-age=7")]),
@@ -1060,8 +1063,8 @@ mod tests {
         );
         assert_eq!(ttl(&[("vary", "accept-encoding")]), None);
         assert_eq!(ttl(&[("vary", "*")]), None);
-        assert_eq!(c.storable_for(&req, &response(404, &[]), &route), None);
-        assert_eq!(c.storable_for(&req, &response(500, &[]), &route), None);
+        assert_eq!(c.storable_for(&req, &response(404, &[]), ttl42), None);
+        assert_eq!(c.storable_for(&req, &response(500, &[]), ttl42), None);
     }
 
     #[test]
