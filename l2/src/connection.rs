@@ -1,13 +1,16 @@
-//! The connection to Redis: one multiplexed connection that reconnects by itself, with a
-//! timeout on every command.
+//! The connection to Redis — one server or a Redis Cluster, plain TCP or TLS — with a timeout
+//! on every command.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::IntoConnectionInfo;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{ConnectionAddr, IntoConnectionInfo, RedisFuture, TlsCertificates, Value};
 
 use crate::error::{Error, Result};
 
@@ -16,62 +19,139 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 /// The default timeout for establishing a connection: 1 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A connection to one Redis server, shared by every store and cache built on it.
+/// A connection to Redis — one server or a Redis Cluster — shared by every store and cache
+/// built on it.
 ///
-/// Cheap to clone: clones share one multiplexed TCP connection (with `TCP_NODELAY`), which
-/// reconnects by itself after the server restarts. Every command is bounded by
+/// Cheap to clone: clones share one multiplexed TCP connection per server (with
+/// `TCP_NODELAY`), which reconnects by itself after the server restarts or, on a cluster,
+/// follows slots to their new master after a failover. Every command is bounded by
 /// [`ConnectionBuilder::timeout`]: a stopped or unreachable Redis gives [`Error::Timeout`],
 /// never a hang.
 ///
 /// ```no_run
 /// # async fn f() -> l2::Result<()> {
+/// // One server, plain TCP:
 /// let conn = l2::Connection::builder("redis://127.0.0.1:6379")
 ///     .timeout(std::time::Duration::from_millis(100))
 ///     .connect()
 ///     .await?;
 /// conn.ping().await?;
+///
+/// // A cluster over TLS with an ACL user; one seed is enough, more survive a dead seed:
+/// let ca = std::fs::read("ca.pem").expect("the CA certificate");
+/// let cluster = l2::Connection::cluster([
+///     "rediss://cache:secret@10.0.0.1:6379",
+///     "rediss://cache:secret@10.0.0.2:6379",
+/// ])
+/// .tls_root_certificate(ca)
+/// .connect()
+/// .await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct Connection {
-    manager: ConnectionManager,
+    handle: Handle,
     timeout: Duration,
-    // Kept to open the subscriber connection of the same server; never printed.
+    // Kept to open the subscriber connection of the same server(s); never printed.
     pub(crate) settings: Arc<Settings>,
 }
 
-/// What a connection was made from, for opening more connections to the same server.
+/// The multiplexed connection itself: one server or a cluster. Both are `ConnectionLike`, so
+/// commands, pipelines and scripts run on either through the same code.
+#[derive(Clone)]
+enum Handle {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Handle {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Handle::Single(c) => c.req_packed_command(cmd),
+            Handle::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Handle::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Handle::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Handle::Single(c) => c.get_db(),
+            Handle::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// What a connection was made from, for opening more connections to the same server(s).
 pub(crate) struct Settings {
-    pub(crate) info: redis::ConnectionInfo,
+    /// The server, or the cluster's seed nodes, as given (TLS parameters are added by
+    /// [`Settings::client`]).
+    pub(crate) nodes: Vec<redis::ConnectionInfo>,
+    pub(crate) cluster: bool,
+    tls: Option<TlsCertificates>,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_reconnect_delay: Duration,
+}
+
+impl Settings {
+    /// A client for one node, with this connection's TLS certificates.
+    pub(crate) fn client(&self, info: redis::ConnectionInfo) -> Result<redis::Client> {
+        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        match (&self.tls, tls) {
+            (Some(certs), true) => redis::Client::build_with_tls(info, certs.clone())
+                .map_err(|e| Error::Config(format!("TLS settings: {}", e.kind_name()))),
+            _ => redis::Client::open(info).map_err(|e| Error::Config(e.kind_name())),
+        }
+    }
 }
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the URL: it may carry a password.
         f.debug_struct("Connection")
+            .field("cluster", &self.settings.cluster)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
-/// Builder for [`Connection`].
+/// Builder for [`Connection`], from [`Connection::builder`] (one server) or
+/// [`Connection::cluster`] (a Redis Cluster).
 #[derive(Clone)]
 pub struct ConnectionBuilder {
-    url: String,
+    urls: Vec<String>,
+    cluster: bool,
     timeout: Duration,
     connect_timeout: Duration,
     max_reconnect_delay: Duration,
+    root_certificate: Option<Vec<u8>>,
+    client_certificate: Option<(Vec<u8>, Vec<u8>)>,
+    allow_insecure_tls: bool,
 }
 
 impl fmt::Debug for ConnectionBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the URLs (passwords) nor the key material.
         f.debug_struct("ConnectionBuilder")
+            .field("nodes", &self.urls.len())
+            .field("cluster", &self.cluster)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_reconnect_delay", &self.max_reconnect_delay)
-            .finish_non_exhaustive()
+            .field("root_certificate", &self.root_certificate.is_some())
+            .field("client_certificate", &self.client_certificate.is_some())
+            .field("allow_insecure_tls", &self.allow_insecure_tls)
+            .finish()
     }
 }
 
@@ -95,47 +175,148 @@ impl ConnectionBuilder {
         self
     }
 
+    /// For `rediss://` URLs: trust the certificate authority in `pem` (one or more PEM
+    /// certificates) instead of the system's roots. Use it for a private CA.
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
+        self
+    }
+
+    /// For `rediss://` URLs: present this client certificate chain and private key (both PEM)
+    /// to a server that asks for one (`tls-auth-clients yes`).
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.client_certificate = Some((certificate_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Allows a `rediss://…/#insecure` URL, which turns off every certificate check and lets
+    /// anyone on the path read and change the cache. Refused unless this is `true`: a test
+    /// setting must not reach production by a copied URL alone. Default: `false`.
+    pub fn danger_accept_invalid_certificates(mut self, allow: bool) -> Self {
+        self.allow_insecure_tls = allow;
+        self
+    }
+
+    fn parse(&self) -> Result<Vec<redis::ConnectionInfo>> {
+        if self.urls.is_empty() {
+            return Err(Error::Config("no Redis node given".into()));
+        }
+        let mut nodes = Vec::with_capacity(self.urls.len());
+        for url in &self.urls {
+            let info = url
+                .as_str()
+                .into_connection_info()
+                .map_err(|e| Error::Config(format!("bad redis URL: {}", e.kind_name())))?;
+            if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr()
+                && !self.allow_insecure_tls
+            {
+                return Err(Error::Config(
+                    "the redis URL turns off TLS certificate checks (#insecure); \
+                     call danger_accept_invalid_certificates(true) if that is really meant"
+                        .into(),
+                ));
+            }
+            nodes.push(
+                info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)),
+            );
+        }
+        Ok(nodes)
+    }
+
+    fn certificates(&self) -> Option<TlsCertificates> {
+        if self.root_certificate.is_none() && self.client_certificate.is_none() {
+            return None;
+        }
+        Some(TlsCertificates {
+            client_tls: self.client_certificate.as_ref().map(|(cert, key)| {
+                redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }
+            }),
+            root_cert: self.root_certificate.clone(),
+        })
+    }
+
     /// Connects. Fails within about three connect timeouts when Redis is unreachable.
     ///
     /// # Errors
-    /// [`Error::Config`] for a bad URL, [`Error::Timeout`] or [`Error::Redis`] when Redis
-    /// cannot be reached.
+    /// [`Error::Config`] for a bad URL or an `#insecure` one not allowed,
+    /// [`Error::Tls`] when the TLS handshake fails (wrong CA, wrong host name),
+    /// [`Error::Permission`] when the ACL user lacks a right a command needs,
+    /// [`Error::Timeout`] or [`Error::Redis`] when Redis cannot be reached.
     pub async fn connect(self) -> Result<Connection> {
-        let info = self
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| Error::Config(format!("bad redis URL: {}", e.kind_name())))?
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let nodes = self.parse()?;
+        let tls = nodes
+            .iter()
+            .any(|n| matches!(n.addr(), ConnectionAddr::TcpTls { .. }));
         let settings = Arc::new(Settings {
-            info: info.clone(),
+            nodes,
+            cluster: self.cluster,
+            tls: self.certificates(),
             connect_timeout: self.connect_timeout,
             max_reconnect_delay: self.max_reconnect_delay,
         });
-        let client = redis::Client::open(info).map_err(|e| Error::Config(e.to_string()))?;
+        let bound = self.connect_timeout * 3 + Duration::from_millis(500);
+        let connecting = async {
+            if settings.cluster {
+                self.connect_cluster(&settings).await.map(Handle::Cluster)
+            } else {
+                self.connect_single(&settings).await.map(Handle::Single)
+            }
+        };
+        let handle = tokio::time::timeout(bound, connecting)
+            .await
+            .map_err(|_| Error::Timeout {
+                op: "connect",
+                after: bound,
+            })?
+            .map_err(|e| Error::connect(e, tls))?;
+        let conn = Connection {
+            handle,
+            timeout: self.timeout,
+            settings,
+        };
+        // Both kinds connect lazily in places (a cluster finds its nodes, TLS shakes hands on
+        // first use): one PING makes a bad CA, a bad password or a dead cluster fail here.
+        conn.query::<String>("connect", &redis::cmd("PING"))
+            .await
+            .map_err(|e| e.into_tls_if(tls))?;
+        Ok(conn)
+    }
+
+    async fn connect_single(&self, settings: &Settings) -> redis::RedisResult<ConnectionManager> {
+        let client = settings.client(settings.nodes[0].clone()).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "", e.to_string()))
+        })?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.timeout))
             .set_connection_timeout(Some(self.connect_timeout))
             .set_number_of_retries(2)
             .set_max_delay(self.max_reconnect_delay);
-        let bound = self.connect_timeout * 3 + Duration::from_millis(500);
-        let manager =
-            tokio::time::timeout(bound, client.get_connection_manager_with_config(config))
-                .await
-                .map_err(|_| Error::Timeout {
-                    op: "connect",
-                    after: bound,
-                })?
-                .map_err(|e| Error::redis("connect", e))?;
-        Ok(Connection {
-            manager,
-            timeout: self.timeout,
-            settings,
-        })
+        client.get_connection_manager_with_config(config).await
+    }
+
+    async fn connect_cluster(&self, settings: &Settings) -> redis::RedisResult<ClusterConnection> {
+        let mut builder = redis::cluster::ClusterClientBuilder::new(settings.nodes.clone())
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.timeout)
+            .retries(2)
+            .min_retry_wait(10)
+            .max_retry_wait(self.max_reconnect_delay.as_millis() as u64)
+            .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        if let Some(certs) = &settings.tls {
+            builder = builder.certs(certs.clone());
+        }
+        builder.build()?.get_async_connection().await
     }
 }
 
-trait KindName {
+pub(crate) trait KindName {
     fn kind_name(&self) -> String;
 }
 
@@ -147,14 +328,32 @@ impl KindName for redis::RedisError {
 }
 
 impl Connection {
-    /// A builder for a connection to `url` (`redis://[user:password@]host:port[/db]`).
+    /// A builder for a connection to one server at `url`
+    /// (`redis://[user:password@]host:port[/db]`, or `rediss://` for TLS).
     pub fn builder(url: impl Into<String>) -> ConnectionBuilder {
         ConnectionBuilder {
-            url: url.into(),
+            urls: vec![url.into()],
+            cluster: false,
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_reconnect_delay: Duration::from_secs(1),
+            root_certificate: None,
+            client_certificate: None,
+            allow_insecure_tls: false,
         }
+    }
+
+    /// A builder for a connection to a Redis Cluster, found from one or more seed nodes'
+    /// URLs (same forms as [`Connection::builder`]; credentials and TLS from the first).
+    ///
+    /// On a cluster every single-key command, script and lock goes to the key's master;
+    /// batch reads and writes are split by hash slot and run concurrently (each slot's part
+    /// atomic on its own); namespace clears scan every master.
+    pub fn cluster<S: Into<String>>(seeds: impl IntoIterator<Item = S>) -> ConnectionBuilder {
+        let mut builder = Self::builder(String::new());
+        builder.urls = seeds.into_iter().map(Into::into).collect();
+        builder.cluster = true;
+        builder
     }
 
     /// Connects to `url` with the default settings.
@@ -168,6 +367,11 @@ impl Connection {
     /// The timeout of each command.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Whether this is a Redis Cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        self.settings.cluster
     }
 
     /// Sends PING and returns the round-trip time.
@@ -186,20 +390,34 @@ impl Connection {
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T> {
-        let mut conn = self.manager.clone();
+        let mut conn = self.handle.clone();
         self.bounded(op, async move { cmd.query_async(&mut conn).await })
             .await
     }
 
-    /// Runs a pipeline (one round trip), bounded by the timeout.
+    /// Runs a pipeline of per-key commands, bounded by the timeout. On one server it is one
+    /// round trip. On a cluster it is split by hash slot (the first key of each command), the
+    /// parts run concurrently, each atomic if `pipe` is, and the replies come back in
+    /// `pipe`'s order. `keep_errors` must say whether `pipe` was built with
+    /// [`redis::Pipeline::ignore_errors`] (server errors returned in their place rather than
+    /// failing the whole), which a pipeline does not tell.
     pub(crate) async fn query_pipe<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
         pipe: &redis::Pipeline,
+        keep_errors: bool,
     ) -> Result<T> {
-        let mut conn = self.manager.clone();
-        self.bounded(op, async move { pipe.query_async(&mut conn).await })
-            .await
+        let Handle::Cluster(cluster) = &self.handle else {
+            let mut conn = self.handle.clone();
+            return self
+                .bounded(op, async move { pipe.query_async(&mut conn).await })
+                .await;
+        };
+        let values = self
+            .bounded(op, split_by_slot(cluster, pipe, keep_errors))
+            .await?;
+        redis::FromRedisValue::from_redis_value(Value::Array(values))
+            .map_err(|e| Error::redis(op, e.into()))
     }
 
     /// Runs a Lua script (EVALSHA, loading it on NOSCRIPT), bounded by the timeout.
@@ -208,9 +426,83 @@ impl Connection {
         op: &'static str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T> {
-        let mut conn = self.manager.clone();
+        let mut conn = self.handle.clone();
         self.bounded(op, async move { invocation.invoke_async(&mut conn).await })
             .await
+    }
+
+    /// The masters of a cluster as `(host, port)` (from `CLUSTER SLOTS`); empty on one
+    /// server.
+    pub(crate) async fn masters(&self) -> Result<Vec<(String, u16)>> {
+        if !self.is_cluster() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .cluster_nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.2)
+            .map(|n| (n.0, n.1))
+            .collect())
+    }
+
+    /// Every node of a cluster as `(host, port, is_master)`, masters first; empty on one
+    /// server.
+    pub(crate) async fn cluster_nodes(&self) -> Result<Vec<(String, u16, bool)>> {
+        if !self.is_cluster() {
+            return Ok(Vec::new());
+        }
+        let slots: Vec<Value> = self
+            .query("cluster slots", &redis::cmd("CLUSTER").arg("SLOTS"))
+            .await?;
+        let mut masters = Vec::new();
+        let mut replicas = Vec::new();
+        for range in &slots {
+            let Value::Array(parts) = range else { continue };
+            for (i, node) in parts.iter().skip(2).enumerate() {
+                let Value::Array(node) = node else { continue };
+                let host = match node.first() {
+                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    Some(Value::SimpleString(s)) => s.clone(),
+                    _ => continue,
+                };
+                let Some(Value::Int(port)) = node.get(1) else {
+                    continue;
+                };
+                let Ok(port) = u16::try_from(*port) else {
+                    continue;
+                };
+                let list = if i == 0 { &mut masters } else { &mut replicas };
+                if !list.contains(&(host.clone(), port)) {
+                    list.push((host, port));
+                }
+            }
+        }
+        let mut nodes: Vec<(String, u16, bool)> =
+            masters.into_iter().map(|(h, p)| (h, p, true)).collect();
+        nodes.extend(replicas.into_iter().map(|(h, p)| (h, p, false)));
+        Ok(nodes)
+    }
+
+    /// Runs one command on one node of a cluster, bounded by the timeout.
+    pub(crate) async fn query_node<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        node: &(String, u16),
+        cmd: redis::Cmd,
+    ) -> Result<T> {
+        let Handle::Cluster(cluster) = &self.handle else {
+            return self.query(op, &cmd).await;
+        };
+        let mut conn = cluster.clone();
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: node.0.clone(),
+            port: node.1,
+        });
+        let value = self
+            .bounded(op, async move { conn.route_command(cmd, routing).await })
+            .await?;
+        T::from_redis_value(value).map_err(|e| Error::redis(op, e.into()))
     }
 
     async fn bounded<T>(
@@ -231,4 +523,82 @@ impl Connection {
             }),
         }
     }
+}
+
+/// The key a command of ours works on: the first argument after the name, or for `EVAL` /
+/// `EVALSHA` the first key after the key count.
+fn first_key(cmd: &redis::Cmd) -> Option<Vec<u8>> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(bytes) => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    let name = args.first()?;
+    let at = if name.eq_ignore_ascii_case(b"EVAL") || name.eq_ignore_ascii_case(b"EVALSHA") {
+        3
+    } else {
+        1
+    };
+    args.get(at).map(|k| k.to_vec())
+}
+
+/// Runs `pipe` on a cluster as one pipeline per hash slot, concurrently, and puts the replies
+/// back in `pipe`'s order. Each part keeps errors in place; unless `keep_errors`, the first
+/// server error fails the whole (as one server's pipeline would).
+async fn split_by_slot(
+    cluster: &ClusterConnection,
+    pipe: &redis::Pipeline,
+    keep_errors: bool,
+) -> redis::RedisResult<Vec<Value>> {
+    let mut parts: HashMap<Route, (redis::Pipeline, Vec<usize>)> = HashMap::new();
+    let mut total = 0;
+    for (i, cmd) in pipe.cmd_iter().enumerate() {
+        total += 1;
+        let key = first_key(cmd).ok_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "a cluster pipeline command without a key",
+            ))
+        })?;
+        let (part, at) = parts
+            .entry(Route::with_key(&key, SlotAddr::Master))
+            .or_insert_with(|| {
+                let mut p = redis::pipe();
+                if pipe.is_transaction() {
+                    p.atomic();
+                }
+                p.ignore_errors();
+                (p, Vec::new())
+            });
+        part.add_command(cmd.clone());
+        at.push(i);
+    }
+    let runs = parts.into_values().map(|(part, at)| {
+        let mut conn = cluster.clone();
+        async move {
+            let values: Vec<Value> = part.query_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>((values, at))
+        }
+    });
+    let mut out = vec![Value::Nil; total];
+    for result in futures_util::future::join_all(runs).await {
+        let (values, at) = result?;
+        if values.len() != at.len() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "wrong number of replies to a cluster pipeline part",
+            )));
+        }
+        for (value, i) in values.into_iter().zip(at) {
+            out[i] = value;
+        }
+    }
+    if !keep_errors
+        && let Some(Value::ServerError(e)) = out.iter().find(|v| matches!(v, Value::ServerError(_)))
+    {
+        return Err(e.clone().into());
+    }
+    Ok(out)
 }

@@ -53,6 +53,24 @@ pub enum Error {
     /// The connection could not be configured (bad URL, bad option).
     #[error("invalid redis configuration: {0}")]
     Config(String),
+    /// The TLS connection could not be set up: most often the server's certificate is not
+    /// signed by a trusted CA ([`crate::ConnectionBuilder::tls_root_certificate`]) or is not
+    /// for the host name in the URL.
+    #[error("TLS to redis failed: {reason}")]
+    Tls {
+        /// What the TLS library said (never the URL).
+        reason: String,
+    },
+    /// The Redis ACL user may not run a command, or not on that key or channel (`NOPERM`).
+    /// Not a fault to retry: the user's rights must change (see the `l2` crate docs for the
+    /// least-privilege user a namespace needs).
+    #[error("the redis user may not run `{op}`: {detail}")]
+    Permission {
+        /// The operation refused.
+        op: &'static str,
+        /// What Redis said.
+        detail: String,
+    },
 }
 
 impl Error {
@@ -83,10 +101,45 @@ impl Error {
         matches!(self, Error::Decode { .. })
     }
 
+    /// Whether the ACL user lacked a right ([`Error::Permission`]).
+    pub fn is_permission(&self) -> bool {
+        matches!(self, Error::Permission { .. })
+    }
+
     pub(crate) fn redis(op: &'static str, source: redis::RedisError) -> Self {
+        if source.code() == Some("NOPERM") {
+            return Error::Permission {
+                op,
+                detail: source.detail().unwrap_or("no permission").to_string(),
+            };
+        }
         Error::Redis {
             op,
             source: Arc::new(source),
+        }
+    }
+
+    /// A connection error, told apart as TLS when the connection uses TLS and the error is
+    /// the handshake's.
+    pub(crate) fn connect(source: redis::RedisError, tls: bool) -> Self {
+        Error::redis("connect", source).into_tls_if(tls)
+    }
+
+    /// This error as [`Error::Tls`] if `tls` and it came from the TLS layer.
+    pub(crate) fn into_tls_if(self, tls: bool) -> Self {
+        match &self {
+            Error::Redis { source, .. } if tls => {
+                let text = source.to_string();
+                let lower = text.to_ascii_lowercase();
+                if ["certificate", "handshake", "tls", "unknownissuer", "ssl"]
+                    .iter()
+                    .any(|w| lower.contains(w))
+                {
+                    return Error::Tls { reason: text };
+                }
+                self
+            }
+            _ => self,
         }
     }
 }

@@ -268,8 +268,11 @@ impl RedisStore {
                 .arg("PX")
                 .arg(ms);
         }
-        let replies: Vec<Option<String>> =
-            self.note(self.connection().query_pipe("lock many", &pipe).await)?;
+        let replies: Vec<Option<String>> = self.note(
+            self.connection()
+                .query_pipe("lock many", &pipe, false)
+                .await,
+        )?;
         Ok(locks
             .into_iter()
             .zip(replies)
@@ -304,8 +307,11 @@ impl RedisStore {
                 .arg(ms)
                 .arg(lock.data_key.notice_channel());
         }
-        let replies: Vec<u64> =
-            self.note(self.connection().query_pipe("complete locks", &pipe).await)?;
+        let replies: Vec<u64> = self.note(
+            self.connection()
+                .query_pipe("complete locks", &pipe, false)
+                .await,
+        )?;
         Ok(replies.into_iter().map(|v| (v > 0).then_some(v)).collect())
     }
 
@@ -328,7 +334,11 @@ impl RedisStore {
                 .arg(lock.data_key.notice_channel())
                 .ignore();
         }
-        self.note(self.connection().query_pipe("unlock many", &pipe).await)
+        self.note(
+            self.connection()
+                .query_pipe("unlock many", &pipe, false)
+                .await,
+        )
     }
 
     /// Extends `lock` to `ttl` from now if this holder still has it (compare-and-PEXPIRE).

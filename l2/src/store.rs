@@ -312,7 +312,8 @@ impl RedisStore {
             pipe.cmd("GETRANGE").arg(key).arg(0).arg(end);
             pipe.cmd("PTTL").arg(key);
         }
-        let values: Vec<redis::Value> = self.note(self.conn.query_pipe("get", &pipe).await)?;
+        let values: Vec<redis::Value> =
+            self.note(self.conn.query_pipe("get", &pipe, true).await)?;
         if values.len() != keys.len() * 2 {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             return Err(Error::redis(
@@ -461,7 +462,7 @@ impl RedisStore {
                 .arg(ms)
                 .ignore();
         }
-        self.note(self.conn.query_pipe::<()>("set_many", &pipe).await)
+        self.note(self.conn.query_pipe::<()>("set_many", &pipe, false).await)
     }
 
     /// Writes encoded `bytes` at `key` for `ttl` as the newest value, in one Lua script: stamps
@@ -562,6 +563,19 @@ impl RedisStore {
     /// # Errors
     /// [`Error::Timeout`] or [`Error::Redis`]; keys deleted before the failure stay deleted.
     pub async fn clear(&self, space: &KeySpace) -> Result<u64> {
+        // One server: scan it. A cluster: scan every master (a plain SCAN reaches one node).
+        let masters = self.note(self.conn.masters().await)?;
+        if masters.is_empty() {
+            return self.clear_node(space, None).await;
+        }
+        let mut deleted = 0;
+        for master in &masters {
+            deleted += self.clear_node(space, Some(master)).await?;
+        }
+        Ok(deleted)
+    }
+
+    async fn clear_node(&self, space: &KeySpace, node: Option<&(String, u16)>) -> Result<u64> {
         let pattern = space.match_pattern();
         let mut cursor: u64 = 0;
         let mut deleted = 0u64;
@@ -572,9 +586,20 @@ impl RedisStore {
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(1000);
-            let (next, keys): (u64, Vec<Vec<u8>>) =
-                self.note(self.conn.query("clear (scan)", &scan).await)?;
-            if !keys.is_empty() {
+            let (next, keys): (u64, Vec<Vec<u8>>) = match node {
+                Some(node) => self.note(self.conn.query_node("clear (scan)", node, scan).await)?,
+                None => self.note(self.conn.query("clear (scan)", &scan).await)?,
+            };
+            if !keys.is_empty() && node.is_some() {
+                // The keys of one node span many slots: one UNLINK each, split by slot.
+                let mut unlink = redis::pipe();
+                for key in &keys {
+                    unlink.cmd("UNLINK").arg(key);
+                }
+                let counts: Vec<u64> =
+                    self.note(self.conn.query_pipe("clear (unlink)", &unlink, false).await)?;
+                deleted += counts.iter().sum::<u64>();
+            } else if !keys.is_empty() {
                 let mut unlink = redis::cmd("UNLINK");
                 unlink.arg(keys);
                 let n: u64 = self.note(self.conn.query("clear (unlink)", &unlink).await)?;

@@ -2,10 +2,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{ConnectionAddr, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::Notify;
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
@@ -86,19 +88,37 @@ fn text(v: &Value) -> Option<&str> {
 /// A pub/sub connection of its own (RESP3 pushes on a reconnecting `ConnectionManager`, with
 /// automatic resubscription), with handlers per channel.
 ///
+/// On a Redis Cluster it is one connection to one node (classic `PUBLISH` reaches every
+/// node's subscribers). When that connection drops it does not wait for the node to come
+/// back — a killed master never does, and the redis crate does not move subscriptions after a
+/// failover — but moves to the next live node (from `CLUSTER SLOTS`, else the seeds) and
+/// subscribes there again; handlers see [`Event::Disconnected`] then [`Event::Subscribed`].
+///
 /// Handlers run on the connection's reader: they must be quick and must not block (signal a
 /// task instead). Cheap to clone; clones share the connection. The connection closes when the
 /// last clone is dropped.
 #[derive(Clone)]
 pub struct Subscriber {
-    manager: ConnectionManager,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The connection in use; replaced when a cluster subscriber moves to another node.
+    current: RwLock<ConnectionManager>,
+    /// Which connection is current: pushes from an older one are ignored.
+    generation: Arc<AtomicU64>,
     handlers: Arc<Handlers>,
     timeout: std::time::Duration,
+    conn: Connection,
+    /// Set once `INFO` is refused (an ACL user without `@dangerous`): heartbeats use PING.
+    info_denied: AtomicBool,
+    moves: AtomicU64,
 }
 
 impl fmt::Debug for Subscriber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let channels = self
+            .inner
             .handlers
             .by_channel
             .read()
@@ -106,53 +126,234 @@ impl fmt::Debug for Subscriber {
             .unwrap_or(0);
         f.debug_struct("Subscriber")
             .field("channels", &channels)
+            .field("cluster", &self.inner.conn.is_cluster())
             .finish_non_exhaustive()
     }
 }
 
+/// The same credentials and TLS as `seed`, at `host:port`.
+fn at_node(seed: &redis::ConnectionInfo, host: &str, port: u16) -> redis::ConnectionInfo {
+    let addr = match seed.addr() {
+        ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+            host: host.to_string(),
+            port,
+            insecure: *insecure,
+            tls_params: None,
+        },
+        _ => ConnectionAddr::Tcp(host.to_string(), port),
+    };
+    seed.clone().set_addr(addr)
+}
+
+fn node_name(info: &redis::ConnectionInfo) -> String {
+    match info.addr() {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+            format!("{host}:{port}")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// Opens a RESP3 connection manager to `info` whose pushes reach `handlers` while
+/// `generation` is still `mine`.
+async fn open(
+    conn: &Connection,
+    info: redis::ConnectionInfo,
+    handlers: &Arc<Handlers>,
+    generation: &Arc<AtomicU64>,
+    mine: u64,
+    rotate: Option<Arc<Notify>>,
+) -> Result<ConnectionManager> {
+    let settings = &conn.settings;
+    let redis_settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let client = settings.client(info.set_redis_settings(redis_settings))?;
+    let weak: Weak<Handlers> = Arc::downgrade(handlers);
+    let current = Arc::clone(generation);
+    let config = ConnectionManagerConfig::new()
+        .set_push_sender(move |push: PushInfo| {
+            if current.load(Ordering::Acquire) != mine {
+                return Ok::<(), redis::aio::SendError>(());
+            }
+            if let Some(handlers) = weak.upgrade() {
+                handlers.dispatch(&push);
+                if push.kind == PushKind::Disconnection
+                    && let Some(rotate) = &rotate
+                {
+                    rotate.notify_one();
+                }
+            }
+            Ok(())
+        })
+        .set_automatic_resubscription()
+        .set_response_timeout(Some(conn.timeout()))
+        .set_connection_timeout(Some(settings.connect_timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(settings.max_reconnect_delay);
+    let bound = settings.connect_timeout * 3 + std::time::Duration::from_millis(500);
+    let tls = matches!(
+        client.get_connection_info().addr(),
+        ConnectionAddr::TcpTls { .. }
+    );
+    tokio::time::timeout(bound, client.get_connection_manager_with_config(config))
+        .await
+        .map_err(|_| Error::Timeout {
+            op: "connect subscriber",
+            after: bound,
+        })?
+        .map_err(|e| Error::connect(e, tls))
+}
+
+/// Moves a cluster subscriber to another node each time its connection drops. Ends when the
+/// subscriber is dropped.
+async fn rotate(inner: Weak<Inner>, wake: Arc<Notify>) {
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        wake.notified().await;
+        loop {
+            let Some(me) = inner.upgrade() else { return };
+            match me.move_on(&wake).await {
+                Ok(()) => {
+                    delay = std::time::Duration::from_millis(50);
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(target: "l2", error = %e, "subscriber found no node to move to; retrying");
+                    let max = me.conn.settings.max_reconnect_delay;
+                    drop(me);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(max);
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn manager(&self) -> ConnectionManager {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Connects to the next node that answers and subscribes every channel there.
+    async fn move_on(&self, wake: &Arc<Notify>) -> Result<()> {
+        let settings = &self.conn.settings;
+        let seed = &settings.nodes[0];
+        let mut candidates: Vec<redis::ConnectionInfo> = match self.conn.cluster_nodes().await {
+            Ok(nodes) if !nodes.is_empty() => nodes
+                .iter()
+                .map(|(host, port, _)| at_node(seed, host, *port))
+                .collect(),
+            _ => Vec::new(),
+        };
+        candidates.extend(settings.nodes.iter().cloned());
+        // Start after the node just lost, so a dead node is tried last.
+        let offset = (self.moves.load(Ordering::Relaxed) as usize + 1) % candidates.len().max(1);
+        candidates.rotate_left(offset);
+        let channels: Vec<String> = self
+            .handlers
+            .by_channel
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut last = Error::Config("no cluster node to subscribe on".into());
+        for info in candidates {
+            let name = node_name(&info);
+            let mine = self.generation.load(Ordering::Acquire) + 1;
+            // Pushes of the new connection count from now; the old one's are ignored.
+            self.generation.store(mine, Ordering::Release);
+            let manager = match open(
+                &self.conn,
+                info,
+                &self.handlers,
+                &self.generation,
+                mine,
+                Some(Arc::clone(wake)),
+            )
+            .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let mut subscribed = true;
+            for channel in &channels {
+                let mut m = manager.clone();
+                match tokio::time::timeout(self.timeout * 4, m.subscribe(channel)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        last = Error::redis("subscribe", e);
+                        subscribed = false;
+                        break;
+                    }
+                    Err(_) => {
+                        last = Error::Timeout {
+                            op: "subscribe",
+                            after: self.timeout * 4,
+                        };
+                        subscribed = false;
+                        break;
+                    }
+                }
+            }
+            if !subscribed {
+                continue;
+            }
+            *self.current.write().unwrap_or_else(|p| p.into_inner()) = manager;
+            self.moves.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(target: "l2", node = %name, "subscriber moved to another cluster node");
+            return Ok(());
+        }
+        Err(last)
+    }
+}
+
 impl Subscriber {
-    /// Opens a subscriber connection to the server of `conn`, with its timeouts.
+    /// Opens a subscriber connection to the server of `conn` (on a cluster: its first seed
+    /// node), with its timeouts and credentials.
     ///
     /// # Errors
     /// [`Error::Timeout`] or [`Error::Redis`] when Redis cannot be reached, or does not speak
-    /// RESP3 (Redis 6 or later is needed).
+    /// RESP3 (Redis 6 or later is needed); [`Error::Tls`] when TLS fails.
     pub async fn connect(conn: &Connection) -> Result<Subscriber> {
-        let settings = &conn.settings;
-        let redis_settings = settings
-            .info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let info = settings.info.clone().set_redis_settings(redis_settings);
-        let client = redis::Client::open(info).map_err(|e| Error::Config(e.to_string()))?;
         let handlers = Arc::new(Handlers::default());
-        let weak: Weak<Handlers> = Arc::downgrade(&handlers);
-        let config = ConnectionManagerConfig::new()
-            .set_push_sender(move |push: PushInfo| {
-                if let Some(handlers) = weak.upgrade() {
-                    handlers.dispatch(&push);
-                }
-                Ok::<(), redis::aio::SendError>(())
-            })
-            .set_automatic_resubscription()
-            .set_response_timeout(Some(conn.timeout()))
-            .set_connection_timeout(Some(settings.connect_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(settings.max_reconnect_delay);
-        let bound = settings.connect_timeout * 3 + std::time::Duration::from_millis(500);
-        let manager =
-            tokio::time::timeout(bound, client.get_connection_manager_with_config(config))
-                .await
-                .map_err(|_| Error::Timeout {
-                    op: "connect subscriber",
-                    after: bound,
-                })?
-                .map_err(|e| Error::redis("connect subscriber", e))?;
-        Ok(Subscriber {
-            manager,
+        let generation = Arc::new(AtomicU64::new(0));
+        let wake = conn.is_cluster().then(|| Arc::new(Notify::new()));
+        let manager = open(
+            conn,
+            conn.settings.nodes[0].clone(),
+            &handlers,
+            &generation,
+            0,
+            wake.clone(),
+        )
+        .await?;
+        let inner = Arc::new(Inner {
+            current: RwLock::new(manager),
+            generation,
             handlers,
             timeout: conn.timeout(),
-        })
+            conn: conn.clone(),
+            info_denied: AtomicBool::new(false),
+            moves: AtomicU64::new(0),
+        });
+        if let Some(wake) = wake {
+            tokio::spawn(rotate(Arc::downgrade(&inner), wake));
+        }
+        Ok(Subscriber { inner })
+    }
+
+    /// How many times this subscriber moved to another cluster node.
+    pub fn moves(&self) -> u64 {
+        self.inner.moves.load(Ordering::Relaxed)
     }
 
     /// Sends PING on the subscriber connection itself and returns the round trip: a heartbeat
@@ -163,7 +364,7 @@ impl Subscriber {
     /// [`Error::Timeout`] or [`Error::Redis`].
     pub async fn ping(&self, timeout: std::time::Duration) -> Result<std::time::Duration> {
         let start = tokio::time::Instant::now();
-        let mut manager = self.manager.clone();
+        let mut manager = self.inner.manager();
         let _: String = self
             .bounded("subscriber ping", timeout, async move {
                 redis::cmd("PING").query_async(&mut manager).await
@@ -173,20 +374,36 @@ impl Subscriber {
     }
 
     /// The server's `run_id` (`INFO server`): it changes when Redis restarts, which loses
-    /// every message published meanwhile.
+    /// every message published meanwhile. For an ACL user not allowed `INFO` it is an empty
+    /// string, after a PING that proves the connection alive (a restart is then seen only as
+    /// the disconnect it causes).
     ///
     /// # Errors
     /// [`Error::Timeout`] or [`Error::Redis`].
     pub async fn run_id(&self, timeout: std::time::Duration) -> Result<String> {
-        let mut manager = self.manager.clone();
-        let info: String = self
+        if self.inner.info_denied.load(Ordering::Relaxed) {
+            self.ping(timeout).await?;
+            return Ok(String::new());
+        }
+        let mut manager = self.inner.manager();
+        let info: Result<String> = self
             .bounded("subscriber info", timeout, async move {
                 redis::cmd("INFO")
                     .arg("server")
                     .query_async(&mut manager)
                     .await
             })
-            .await?;
+            .await;
+        let info = match info {
+            Err(e) if e.is_permission() => {
+                // A least-privilege user has no INFO (it is @dangerous): a restart is then
+                // seen only as the disconnect it causes.
+                self.inner.info_denied.store(true, Ordering::Relaxed);
+                self.ping(timeout).await?;
+                return Ok(String::new());
+            }
+            other => other?,
+        };
         info.lines()
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(|id| id.trim().to_string())
@@ -220,6 +437,7 @@ impl Subscriber {
     ) -> Result<()> {
         let first = {
             let mut by_channel = self
+                .inner
                 .handlers
                 .by_channel
                 .write()
@@ -231,18 +449,19 @@ impl Subscriber {
         if !first {
             return Ok(());
         }
-        let mut manager = self.manager.clone();
-        let result = match tokio::time::timeout(self.timeout * 4, manager.subscribe(channel)).await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::redis("subscribe", e)),
-            Err(_) => Err(Error::Timeout {
-                op: "subscribe",
-                after: self.timeout * 4,
-            }),
-        };
+        let mut manager = self.inner.manager();
+        let result =
+            match tokio::time::timeout(self.inner.timeout * 4, manager.subscribe(channel)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Error::redis("subscribe", e)),
+                Err(_) => Err(Error::Timeout {
+                    op: "subscribe",
+                    after: self.inner.timeout * 4,
+                }),
+            };
         if result.is_err() {
             let mut by_channel = self
+                .inner
                 .handlers
                 .by_channel
                 .write()

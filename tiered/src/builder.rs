@@ -33,6 +33,9 @@ pub struct TieredCacheBuilder<V> {
     schema_version: Option<u32>,
     type_name: Option<String>,
     redis_url: Option<String>,
+    redis_cluster: Option<Vec<String>>,
+    tls_root_certificate: Option<Vec<u8>>,
+    allow_insecure_tls: bool,
     connection: Option<Connection>,
     bus: Option<Bus>,
     bus_config: BusConfig,
@@ -72,6 +75,9 @@ where
             schema_version: None,
             type_name: None,
             redis_url: None,
+            redis_cluster: None,
+            tls_root_certificate: None,
+            allow_insecure_tls: false,
             connection: None,
             bus: None,
             bus_config: BusConfig::default(),
@@ -114,6 +120,27 @@ where
     /// [`TieredCacheBuilder::connection`] is required.
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
         self.redis_url = Some(url.into());
+        self
+    }
+
+    /// A Redis Cluster, found from one or more seed nodes' URLs (same forms as
+    /// [`TieredCacheBuilder::redis_url`]). Instead of `redis_url`; see
+    /// [`l2::Connection::cluster`] for how batches and clears run on a cluster.
+    pub fn redis_cluster<S: Into<String>>(mut self, seeds: impl IntoIterator<Item = S>) -> Self {
+        self.redis_cluster = Some(seeds.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// For `rediss://` URLs: trust this CA (PEM) instead of the system's roots.
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_certificate = Some(pem.into());
+        self
+    }
+
+    /// Allows a `rediss://…/#insecure` URL (no certificate checks). Refused by default; see
+    /// [`l2::ConnectionBuilder::danger_accept_invalid_certificates`].
+    pub fn danger_accept_invalid_certificates(mut self, allow: bool) -> Self {
+        self.allow_insecure_tls = allow;
         self
     }
 
@@ -242,16 +269,31 @@ where
                 "circuit_breaker cooldown must be above zero".into(),
             ));
         }
-        let connection = match (self.connection, self.redis_url) {
-            (Some(c), _) => c,
-            (None, Some(url)) => {
-                Connection::builder(url)
+        let connection = match (self.connection, self.redis_url, self.redis_cluster) {
+            (Some(c), _, _) => c,
+            (None, Some(_), Some(_)) => {
+                return Err(Error::Config(
+                    "redis_url and redis_cluster: give one, not both".into(),
+                ));
+            }
+            (None, url, cluster) => {
+                let mut builder = match (url, cluster) {
+                    (Some(url), _) => Connection::builder(url),
+                    (None, Some(seeds)) => Connection::cluster(seeds),
+                    (None, None) => {
+                        return Err(Error::Config(
+                            "redis_url, redis_cluster or connection is required".into(),
+                        ));
+                    }
+                };
+                if let Some(pem) = self.tls_root_certificate {
+                    builder = builder.tls_root_certificate(pem);
+                }
+                builder
+                    .danger_accept_invalid_certificates(self.allow_insecure_tls)
                     .timeout(self.l2_timeout)
                     .connect()
                     .await?
-            }
-            (None, None) => {
-                return Err(Error::Config("redis_url or connection is required".into()));
             }
         };
         let bus = match self.bus {

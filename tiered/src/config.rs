@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::options::EntryOptions;
 use crate::{TieredCacheBuilder, builder::DEFAULT_TTL};
 
-/// A cache's configuration. Every field but `namespace` and `redis_url` is optional (the
+/// A cache's configuration. Every field but `namespace` and `redis_url` (or
+/// `redis_cluster`) is optional (the
 /// builder's defaults apply). Durations are written as humantime strings: `"250ms"`, `"30s"`,
 /// `"5m"`, `"1h 30m"`. Unknown fields are refused, so a typo is an error, not a silent default.
 ///
@@ -32,8 +33,14 @@ use crate::{TieredCacheBuilder, builder::DEFAULT_TTL};
 pub struct CacheConfig {
     /// See [`TieredCacheBuilder::namespace`]. Required.
     pub namespace: String,
-    /// See [`TieredCacheBuilder::redis_url`]. Required.
+    /// See [`TieredCacheBuilder::redis_url`]. Required unless `redis_cluster` is given.
     pub redis_url: String,
+    /// A Redis Cluster's seed node URLs, comma-separated
+    /// ([`TieredCacheBuilder::redis_cluster`]); instead of `redis_url`.
+    pub redis_cluster: Option<String>,
+    /// A PEM file with the CA that signed the servers' TLS certificates
+    /// ([`TieredCacheBuilder::tls_root_certificate`]), for `rediss://` URLs.
+    pub redis_ca_file: Option<String>,
     /// See [`TieredCacheBuilder::schema_version`].
     pub schema_version: Option<u32>,
     /// See [`TieredCacheBuilder::l1_max_bytes`].
@@ -154,12 +161,24 @@ impl CacheConfig {
         if self.namespace.is_empty() {
             return Err(Error::Config("namespace: required".into()));
         }
-        if self.redis_url.is_empty() {
-            return Err(Error::Config("redis_url: required".into()));
+        let mut b = crate::TieredCache::<V>::builder().namespace(&self.namespace);
+        match (self.redis_url.is_empty(), &self.redis_cluster) {
+            (true, None) => return Err(Error::Config("redis_url: required".into())),
+            (false, Some(_)) => {
+                return Err(Error::Config(
+                    "redis_url and redis_cluster: give one, not both".into(),
+                ));
+            }
+            (false, None) => b = b.redis_url(&self.redis_url),
+            (true, Some(seeds)) => {
+                b = b.redis_cluster(seeds.split(',').map(str::trim).filter(|s| !s.is_empty()));
+            }
         }
-        let mut b = crate::TieredCache::<V>::builder()
-            .namespace(&self.namespace)
-            .redis_url(&self.redis_url);
+        if let Some(path) = &self.redis_ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| Error::Config(format!("redis_ca_file: cannot read {path}: {e}")))?;
+            b = b.tls_root_certificate(pem);
+        }
         if let Some(v) = self.schema_version {
             b = b.schema_version(v);
         }
