@@ -135,7 +135,15 @@ impl Error {
                     .iter()
                     .any(|w| lower.contains(w))
                 {
-                    return Error::Tls { reason: text };
+                    let reason = if text.contains("UnknownIssuer") {
+                        format!(
+                            "{text} (the server's certificate is not signed by a trusted CA: \
+                             give its CA with tls_root_certificate)"
+                        )
+                    } else {
+                        text
+                    };
+                    return Error::Tls { reason };
                 }
                 self
             }

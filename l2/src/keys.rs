@@ -22,6 +22,14 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+/// The commands the library sends, as ACL rules: connection set-up, reads and writes of
+/// strings, scripts (and what they call), transactions, pub/sub, `SCAN` for clears, and the
+/// cluster topology.
+const ACL_COMMANDS: &str = "+ping +hello +auth +client|setinfo +client|setname +select +readonly \
+     +get +getrange +strlen +pttl +set +setrange +pexpire +del +unlink +scan \
+     +eval +evalsha +script|load +multi +exec +discard \
+     +publish +subscribe +unsubscribe +cluster|slots +cluster|shards +cluster|nodes";
+
 /// Encoded keys longer than this are hashed behind a readable prefix.
 pub const MAX_KEY_LEN: usize = 200;
 const READABLE_PREFIX: usize = 64;
@@ -115,6 +123,22 @@ impl KeySpace {
         }
         pattern.push('*');
         pattern
+    }
+
+    /// The least-privilege Redis ACL rules for a user that caches in this space only: its keys
+    /// (`~prefix*`), its channels (`&prefix*`), and only the commands the library sends — no
+    /// `@dangerous` command (no `KEYS`, `FLUSHDB`, `INFO`, `CONFIG`, …). Every feature works
+    /// with them, on one server or a cluster; a restart is then noticed by the disconnect it
+    /// causes rather than by `INFO`'s `run_id`. Use as
+    /// `ACL SETUSER <name> on ><password> <rules>`.
+    ///
+    /// ```
+    /// let rules = l2::KeySpace::new("users").acl_rules();
+    /// assert!(rules.starts_with("resetkeys resetchannels ~users:* &users:* -@all "));
+    /// ```
+    pub fn acl_rules(&self) -> String {
+        let pattern = self.match_pattern();
+        format!("resetkeys resetchannels ~{pattern} &{pattern} -@all {ACL_COMMANDS}")
     }
 
     fn finish(&self, escaped: String) -> Key {

@@ -20,8 +20,10 @@
 
 pub mod cluster;
 pub mod coherence;
+pub mod tls;
 
 pub use cluster::RedisCluster;
+pub use tls::{TestCa, TlsRedis};
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
