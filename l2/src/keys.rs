@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 /// The commands the library sends, as ACL rules: connection set-up, reads and writes of
 /// strings, scripts (and what they call), transactions, pub/sub, `SCAN` for clears, and the
 /// cluster topology.
-const ACL_COMMANDS: &str = "+ping +hello +auth +client|setinfo +client|setname +select +readonly \
+const ACL_COMMANDS: &str = "+ping +hello +auth +select +readonly \
      +get +getrange +strlen +pttl +set +setrange +pexpire +del +unlink +scan \
      +eval +evalsha +script|load +multi +exec +discard \
      +publish +subscribe +unsubscribe +cluster|slots +cluster|shards +cluster|nodes";

@@ -304,7 +304,9 @@ where
         if let Some(v) = self.schema_version {
             space = space.schema_version(v);
         }
-        let waiters = LockWaiters::attach(bus.subscriber(), &space).await?;
+        let waiters = LockWaiters::attach(bus.subscriber(), &space)
+            .await
+            .map_err(|e| rights(&space, e))?;
         let channel = invalidation::channel_for(&space);
         let publisher = bus.publisher(&channel);
         let tag = TypeTag::from_name(self.type_name.as_deref().unwrap_or(&namespace));
@@ -337,7 +339,9 @@ where
             trace_keys: self.trace_keys,
         };
         let inner = Arc::new(inner);
-        crate::coherence::listen(&inner, &bus, &channel).await?;
+        crate::coherence::listen(&inner, &bus, &channel)
+            .await
+            .map_err(|e| rights(&inner.space, e))?;
         crate::metrics::describe();
         spawn_maintenance(Arc::downgrade(&inner), inner.closed.clone());
         let lifeline = Lifeline { _close: tx };
@@ -345,6 +349,19 @@ where
             inner,
             _lifeline: Arc::new(lifeline),
         })
+    }
+}
+
+/// A refused subscription at start-up as a configuration error that says what to grant:
+/// without its channels a node would serve stale data silently.
+fn rights(space: &KeySpace, e: l2::Error) -> Error {
+    match e {
+        l2::Error::Permission { op, detail } => Error::Config(format!(
+            "the redis user may not `{op}` on the cache's channels ({detail}); \
+             it needs `ACL SETUSER <user> {}`",
+            space.acl_rules()
+        )),
+        other => Error::L2(other),
     }
 }
 
