@@ -67,7 +67,9 @@ pub enum GapReason {
     Resubscribed,
     /// A heartbeat was not answered within its timeout (server stopped, connection half-open).
     HeartbeatMissed,
-    /// The server's `run_id` changed: it restarted.
+    /// The server's `run_id` changed: it restarted. On a cluster also: the cluster's epoch
+    /// changed (a failover, which may have lost the old master's last writes), or the
+    /// subscriber moved to another node.
     ServerRestarted,
     /// A writer's sequence skipped numbers that did not arrive in time.
     SequenceGap,
@@ -79,7 +81,7 @@ impl fmt::Display for GapReason {
             GapReason::Disconnected => "subscriber disconnected",
             GapReason::Resubscribed => "resubscribed after a reconnect",
             GapReason::HeartbeatMissed => "heartbeat missed",
-            GapReason::ServerRestarted => "server restarted",
+            GapReason::ServerRestarted => "server restarted or cluster failed over",
             GapReason::SequenceGap => "sequence gap",
         })
     }

@@ -37,7 +37,8 @@
 //!   buffer limit) and is resubscribed ([`GapReason::Resubscribed`]);
 //! - a heartbeat (`INFO server` on the subscriber connection every P) is not answered within T
 //!   ([`GapReason::HeartbeatMissed`]: a stopped server or a half-open connection);
-//! - the server's `run_id` changes ([`GapReason::ServerRestarted`]);
+//! - the server's `run_id` changes, or on a cluster its epoch (a failover)
+//!   ([`GapReason::ServerRestarted`]);
 //! - a writer's sequence number is missing for longer than T ([`GapReason::SequenceGap`]).
 //!
 //! So a node whose L1 holds a value that was changed elsewhere either gets the message

@@ -99,6 +99,8 @@ pub(crate) struct Settings {
     pub(crate) nodes: Vec<redis::ConnectionInfo>,
     pub(crate) cluster: bool,
     tls: Option<TlsCertificates>,
+    /// `WAIT n timeout` after every write, if asked for.
+    replica_acks: Option<(u32, Duration)>,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_reconnect_delay: Duration,
 }
@@ -137,6 +139,7 @@ pub struct ConnectionBuilder {
     root_certificate: Option<Vec<u8>>,
     client_certificate: Option<(Vec<u8>, Vec<u8>)>,
     allow_insecure_tls: bool,
+    replica_acks: Option<(u32, Duration)>,
 }
 
 impl fmt::Debug for ConnectionBuilder {
@@ -151,6 +154,7 @@ impl fmt::Debug for ConnectionBuilder {
             .field("root_certificate", &self.root_certificate.is_some())
             .field("client_certificate", &self.client_certificate.is_some())
             .field("allow_insecure_tls", &self.allow_insecure_tls)
+            .field("replica_acks", &self.replica_acks)
             .finish()
     }
 }
@@ -198,6 +202,18 @@ impl ConnectionBuilder {
     /// setting must not reach production by a copied URL alone. Default: `false`.
     pub fn danger_accept_invalid_certificates(mut self, allow: bool) -> Self {
         self.allow_insecure_tls = allow;
+        self
+    }
+
+    /// Acknowledge a write only once `replicas` replicas have it (`WAIT replicas timeout`
+    /// after each write, on the key's master), so a failover that promotes one of them cannot
+    /// lose it. A write that `timeout` does not see replicated fails with
+    /// [`Error::NotReplicated`] (it is on the master, and may still be lost). Costs one round
+    /// trip to the replicas per write, and holds the writer's connection meanwhile (reads
+    /// sharing it queue behind). Default: off — Redis replication is asynchronous, and a
+    /// failover can lose the last writes a master acknowledged.
+    pub fn replica_acks(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replica_acks = (replicas > 0).then_some((replicas, timeout));
         self
     }
 
@@ -258,6 +274,7 @@ impl ConnectionBuilder {
             nodes,
             cluster: self.cluster,
             tls: self.certificates(),
+            replica_acks: self.replica_acks,
             connect_timeout: self.connect_timeout,
             max_reconnect_delay: self.max_reconnect_delay,
         });
@@ -340,6 +357,7 @@ impl Connection {
             root_certificate: None,
             client_certificate: None,
             allow_insecure_tls: false,
+            replica_acks: None,
         }
     }
 
@@ -431,6 +449,54 @@ impl Connection {
             .await
     }
 
+    /// After a write to `keys`: with [`ConnectionBuilder::replica_acks`], waits until the
+    /// replicas have it (`WAIT` on each key's master, concurrently); else nothing.
+    pub(crate) async fn replicated<K: AsRef<str>>(&self, op: &'static str, keys: &[K]) -> Result<()> {
+        let Some((wanted, timeout)) = self.settings.replica_acks else {
+            return Ok(());
+        };
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted)
+            .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1));
+        let bound = self.timeout + timeout;
+        let acked: Vec<i64> = match &self.handle {
+            Handle::Single(_) => {
+                let mut conn = self.handle.clone();
+                let wait = &wait;
+                vec![
+                    bounded(op, bound, async move { wait.query_async(&mut conn).await }).await?,
+                ]
+            }
+            Handle::Cluster(cluster) => {
+                let routes: std::collections::HashSet<Route> = keys
+                    .iter()
+                    .map(|k| Route::with_key(k.as_ref().as_bytes(), SlotAddr::Master))
+                    .collect();
+                let waits = routes.into_iter().map(|route| {
+                    let mut conn = cluster.clone();
+                    let wait = wait.clone();
+                    async move {
+                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                        let v = conn.route_command(wait, routing).await?;
+                        redis::FromRedisValue::from_redis_value(v).map_err(redis::RedisError::from)
+                    }
+                });
+                bounded(op, bound, async move {
+                    futures_util::future::try_join_all(waits).await
+                })
+                .await?
+            }
+        };
+        match acked.into_iter().min() {
+            Some(acked) if acked < i64::from(wanted) => Err(Error::NotReplicated {
+                op,
+                acked: u32::try_from(acked).unwrap_or(0),
+                wanted,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The masters of a cluster as `(host, port)` (from `CLUSTER SLOTS`); empty on one
     /// server.
     pub(crate) async fn masters(&self) -> Result<Vec<(String, u16)>> {
@@ -510,18 +576,21 @@ impl Connection {
         op: &'static str,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if e.is_timeout() => Err(Error::Timeout {
-                op,
-                after: self.timeout,
-            }),
-            Ok(Err(e)) => Err(Error::redis(op, e)),
-            Err(_) => Err(Error::Timeout {
-                op,
-                after: self.timeout,
-            }),
-        }
+        bounded(op, self.timeout, fut).await
+    }
+}
+
+/// `fut`, bounded by `timeout`, its errors typed.
+async fn bounded<T>(
+    op: &'static str,
+    timeout: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if e.is_timeout() => Err(Error::Timeout { op, after: timeout }),
+        Ok(Err(e)) => Err(Error::redis(op, e)),
+        Err(_) => Err(Error::Timeout { op, after: timeout }),
     }
 }
 

@@ -61,6 +61,18 @@ pub enum Error {
         /// What the TLS library said (never the URL).
         reason: String,
     },
+    /// The write is on the master, but fewer replicas than asked for
+    /// ([`crate::ConnectionBuilder::replica_acks`]) confirmed it in time: a failover now could
+    /// lose it.
+    #[error("redis `{op}`: {acked} of {wanted} replicas confirmed the write in time")]
+    NotReplicated {
+        /// The write.
+        op: &'static str,
+        /// Replicas that confirmed it.
+        acked: u32,
+        /// Replicas asked for.
+        wanted: u32,
+    },
     /// The Redis ACL user may not run a command, or not on that key or channel (`NOPERM`).
     /// Not a fault to retry: the user's rights must change (see the `l2` crate docs for the
     /// least-privilege user a namespace needs).
@@ -78,7 +90,7 @@ impl Error {
     /// the caller should fall back (to L1, stale data, or the loader) rather than fail.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Timeout { .. } => true,
+            Error::Timeout { .. } | Error::NotReplicated { .. } => true,
             Error::Redis { source, .. } => {
                 source.is_timeout()
                     || source.is_io_error()

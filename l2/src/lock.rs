@@ -238,6 +238,9 @@ impl RedisStore {
                 )
                 .await,
         )?;
+        if v > 0 {
+            self.note(self.connection().replicated("complete lock", &[&lock.data_key]).await)?;
+        }
         Ok((v > 0).then_some(v))
     }
 
@@ -312,6 +315,15 @@ impl RedisStore {
                 .query_pipe("complete locks", &pipe, false)
                 .await,
         )?;
+        let written: Vec<&Key> = items
+            .iter()
+            .zip(&replies)
+            .filter(|(_, v)| **v > 0)
+            .map(|((lock, _), _)| &lock.data_key)
+            .collect();
+        if !written.is_empty() {
+            self.note(self.connection().replicated("complete locks", &written).await)?;
+        }
         Ok(replies.into_iter().map(|v| (v > 0).then_some(v)).collect())
     }
 
@@ -387,6 +399,9 @@ impl RedisStore {
                 )
                 .await,
         )?;
+        if n == 1 {
+            self.note(self.connection().replicated("set if locked", &[&lock.data_key]).await)?;
+        }
         Ok(n == 1)
     }
 }

@@ -433,7 +433,8 @@ impl RedisStore {
         let ms = ttl_ms(ttl)?;
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(bytes).arg("PX").arg(ms);
-        self.note(self.conn.query::<()>("set", &cmd).await)
+        self.note(self.conn.query::<()>("set", &cmd).await)?;
+        self.note(self.conn.replicated("set", &[key]).await)
     }
 
     /// Writes many values in one round trip (a pipeline of `SET … PX`), all with `meta`.
@@ -462,7 +463,9 @@ impl RedisStore {
                 .arg(ms)
                 .ignore();
         }
-        self.note(self.conn.query_pipe::<()>("set_many", &pipe, false).await)
+        self.note(self.conn.query_pipe::<()>("set_many", &pipe, false).await)?;
+        let keys: Vec<&Key> = items.iter().map(|(k, _)| k).collect();
+        self.note(self.conn.replicated("set_many", &keys).await)
     }
 
     /// Writes encoded `bytes` at `key` for `ttl` as the newest value, in one Lua script: stamps
@@ -481,7 +484,7 @@ impl RedisStore {
     ) -> Result<u64> {
         let ms = ttl_ms(ttl)?;
         let (channel, message) = announce.map_or(("", &[][..]), |a| (a.channel, a.message));
-        self.note(
+        let version = self.note(
             self.conn
                 .invoke(
                     "overwrite",
@@ -495,7 +498,9 @@ impl RedisStore {
                         .arg(message),
                 )
                 .await,
-        )
+        )?;
+        self.note(self.conn.replicated("overwrite", &[key]).await)?;
+        Ok(version)
     }
 
     /// Deletes the value at `key`, in one Lua script: leaves a tombstone (it reads as a miss)
@@ -528,6 +533,7 @@ impl RedisStore {
                 )
                 .await,
         )?;
+        self.note(self.conn.replicated("remove", &[key]).await)?;
         Ok(Removal {
             existed: existed == 1,
             version,
@@ -553,6 +559,7 @@ impl RedisStore {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(key);
         let n: i64 = self.note(self.conn.query("delete", &cmd).await)?;
+        self.note(self.conn.replicated("delete", &[key]).await)?;
         Ok(n > 0)
     }
 

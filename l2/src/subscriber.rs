@@ -376,11 +376,37 @@ impl Subscriber {
     /// The server's `run_id` (`INFO server`): it changes when Redis restarts, which loses
     /// every message published meanwhile. For an ACL user not allowed `INFO` it is an empty
     /// string, after a PING that proves the connection alive (a restart is then seen only as
-    /// the disconnect it causes).
+    /// the disconnect it causes). On a cluster the cluster's current epoch is appended
+    /// (`CLUSTER INFO`), so a failover anywhere in the cluster changes it.
     ///
     /// # Errors
     /// [`Error::Timeout`] or [`Error::Redis`].
     pub async fn run_id(&self, timeout: std::time::Duration) -> Result<String> {
+        let server = self.server_id(timeout).await?;
+        if !self.inner.conn.is_cluster() {
+            return Ok(server);
+        }
+        // On a cluster, a failover elsewhere changes no run_id this node sees, yet the new
+        // master may lack the last writes: the cluster's epoch, which every failover bumps,
+        // makes it a change too.
+        let mut manager = self.inner.manager();
+        let info: String = self
+            .bounded("subscriber cluster info", timeout, async move {
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut manager)
+                    .await
+            })
+            .await?;
+        let epoch = info
+            .lines()
+            .find_map(|l| l.strip_prefix("cluster_current_epoch:"))
+            .map(str::trim)
+            .unwrap_or("?");
+        Ok(format!("{server}@epoch{epoch}"))
+    }
+
+    async fn server_id(&self, timeout: std::time::Duration) -> Result<String> {
         if self.inner.info_denied.load(Ordering::Relaxed) {
             self.ping(timeout).await?;
             return Ok(String::new());

@@ -27,6 +27,13 @@ pub enum OpKind {
         /// The deletion's write version.
         version: u64,
     },
+    /// A write (`Some(value)`) or delete (`None`) that returned an error: it may or may not
+    /// have taken effect (a timeout during a failover, say). A read of its value, or a read of
+    /// nothing after it started, is counted as uncertain rather than judged.
+    Failed {
+        /// The value it tried to write; `None` for a delete.
+        value: Option<String>,
+    },
     /// Read the key: a value, or nothing.
     Read {
         /// What the read returned.
@@ -60,6 +67,7 @@ impl Op {
             OpKind::Write { value, version } => format!("{head} W {value} {version}"),
             OpKind::Delete { version } => format!("{head} D {version}"),
             OpKind::Read { value } => format!("{head} R {}", value.as_deref().unwrap_or("-")),
+            OpKind::Failed { value } => format!("{head} F {}", value.as_deref().unwrap_or("-")),
         }
     }
 
@@ -82,6 +90,9 @@ impl Op {
                 version: f[5].parse().ok()?,
             },
             ("R", 6) => OpKind::Read {
+                value: (f[5] != "-").then(|| f[5].to_string()),
+            },
+            ("F", 6) => OpKind::Failed {
                 value: (f[5] != "-").then(|| f[5].to_string()),
             },
             _ => return None,
@@ -127,6 +138,10 @@ pub struct Report {
     pub stale_within_delta: usize,
     /// Reads whose value no write in the history produced (a bug in the cache or the test).
     pub unknown_values: usize,
+    /// Failed writes and deletes in the history ([`OpKind::Failed`]).
+    pub failed: usize,
+    /// Reads not judged because a failed write or delete may explain them.
+    pub uncertain: usize,
 }
 
 impl fmt::Display for Report {
@@ -134,13 +149,15 @@ impl fmt::Display for Report {
         write!(
             f,
             "{} reads, {} writes, {} deletes checked: {} violations, {} stale reads within Δ, \
-             {} unknown values, largest lag {:.1} ms",
+             {} unknown values, {} failed changes, {} uncertain reads, largest lag {:.1} ms",
             self.reads,
             self.writes,
             self.deletes,
             self.violations.len(),
             self.stale_within_delta,
             self.unknown_values,
+            self.failed,
+            self.uncertain,
             self.max_lag_us as f64 / 1000.0
         )
     }
@@ -153,6 +170,8 @@ pub fn check(ops: &[Op], delta: Duration) -> Report {
     // Per key: changes (version, start, end, is_delete), and the version of each value.
     let mut changes: HashMap<&str, Vec<(u64, u64, u64, bool)>> = HashMap::new();
     let mut version_of: HashMap<&str, u64> = HashMap::new();
+    let mut failed_values: std::collections::HashSet<&str> = Default::default();
+    let mut failed_deletes: HashMap<&str, Vec<u64>> = HashMap::new();
     for op in ops {
         match &op.kind {
             OpKind::Write { value, version } => {
@@ -170,6 +189,15 @@ pub fn check(ops: &[Op], delta: Duration) -> Report {
                     .or_default()
                     .push((*version, op.start_us, op.end_us, true));
             }
+            OpKind::Failed { value } => {
+                report.failed += 1;
+                match value {
+                    Some(v) => {
+                        failed_values.insert(v);
+                    }
+                    None => failed_deletes.entry(&op.key).or_default().push(op.start_us),
+                }
+            }
             OpKind::Read { .. } => {}
         }
     }
@@ -180,6 +208,16 @@ pub fn check(ops: &[Op], delta: Duration) -> Report {
         report.reads += 1;
         let empty = Vec::new();
         let key_changes = changes.get(op.key.as_str()).unwrap_or(&empty);
+        let maybe_failed = match value {
+            Some(v) => failed_values.contains(v.as_str()),
+            None => failed_deletes
+                .get(op.key.as_str())
+                .is_some_and(|starts| starts.iter().any(|&s| s < op.end_us)),
+        };
+        if maybe_failed {
+            report.uncertain += 1;
+            continue;
+        }
         // The version this read stands for.
         let saw = match value {
             Some(v) => match version_of.get(v.as_str()) {

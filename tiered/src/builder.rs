@@ -36,6 +36,7 @@ pub struct TieredCacheBuilder<V> {
     redis_cluster: Option<Vec<String>>,
     tls_root_certificate: Option<Vec<u8>>,
     allow_insecure_tls: bool,
+    replica_acks: Option<(u32, Duration)>,
     connection: Option<Connection>,
     bus: Option<Bus>,
     bus_config: BusConfig,
@@ -78,6 +79,7 @@ where
             redis_cluster: None,
             tls_root_certificate: None,
             allow_insecure_tls: false,
+            replica_acks: None,
             connection: None,
             bus: None,
             bus_config: BusConfig::default(),
@@ -141,6 +143,13 @@ where
     /// [`l2::ConnectionBuilder::danger_accept_invalid_certificates`].
     pub fn danger_accept_invalid_certificates(mut self, allow: bool) -> Self {
         self.allow_insecure_tls = allow;
+        self
+    }
+
+    /// Acknowledge writes only once `replicas` replicas have them, so a failover cannot lose
+    /// them; see [`l2::ConnectionBuilder::replica_acks`] for the cost. Default: off.
+    pub fn replica_acks(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replica_acks = Some((replicas, timeout));
         self
     }
 
@@ -288,6 +297,9 @@ where
                 };
                 if let Some(pem) = self.tls_root_certificate {
                     builder = builder.tls_root_certificate(pem);
+                }
+                if let Some((replicas, timeout)) = self.replica_acks {
+                    builder = builder.replica_acks(replicas, timeout);
                 }
                 builder
                     .danger_accept_invalid_certificates(self.allow_insecure_tls)

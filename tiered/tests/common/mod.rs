@@ -119,3 +119,51 @@ pub fn node_runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Where a test's caches keep L2: one server or a cluster (the test matrix).
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// For messages: "single server" or "cluster".
+    pub name: &'static str,
+    /// The server's URL, or the cluster's seed URLs.
+    pub urls: Vec<String>,
+    /// Whether `urls` are a cluster's seeds.
+    pub cluster: bool,
+}
+
+impl Target {
+    /// One server.
+    pub fn single(url: String) -> Self {
+        Target {
+            name: "single server",
+            urls: vec![url],
+            cluster: false,
+        }
+    }
+
+    /// A cluster, from its seeds.
+    pub fn cluster(urls: Vec<String>) -> Self {
+        Target {
+            name: "cluster",
+            urls,
+            cluster: true,
+        }
+    }
+
+    /// A builder for a node of `namespace` on this target.
+    pub fn builder(&self, namespace: &str) -> TieredCacheBuilder<String> {
+        let b = TieredCache::builder()
+            .namespace(namespace)
+            .default_options(EntryOptions::new(Duration::from_secs(60)));
+        if self.cluster {
+            b.redis_cluster(self.urls.clone())
+        } else {
+            b.redis_url(self.urls[0].clone())
+        }
+    }
+
+    /// A node of `namespace` with the defaults.
+    pub async fn node(&self, namespace: &str) -> TieredCache<String> {
+        self.builder(namespace).build().await.unwrap()
+    }
+}
