@@ -451,21 +451,26 @@ impl Connection {
 
     /// After a write to `keys`: with [`ConnectionBuilder::replica_acks`], waits until the
     /// replicas have it (`WAIT` on each key's master, concurrently); else nothing.
-    pub(crate) async fn replicated<K: AsRef<str>>(&self, op: &'static str, keys: &[K]) -> Result<()> {
+    pub(crate) async fn replicated<K: AsRef<str>>(
+        &self,
+        op: &'static str,
+        keys: &[K],
+    ) -> Result<()> {
         let Some((wanted, timeout)) = self.settings.replica_acks else {
             return Ok(());
         };
         let mut wait = redis::cmd("WAIT");
-        wait.arg(wanted)
-            .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1));
+        wait.arg(wanted).arg(
+            u64::try_from(timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
         let bound = self.timeout + timeout;
         let acked: Vec<i64> = match &self.handle {
             Handle::Single(_) => {
                 let mut conn = self.handle.clone();
                 let wait = &wait;
-                vec![
-                    bounded(op, bound, async move { wait.query_async(&mut conn).await }).await?,
-                ]
+                vec![bounded(op, bound, async move { wait.query_async(&mut conn).await }).await?]
             }
             Handle::Cluster(cluster) => {
                 let routes: std::collections::HashSet<Route> = keys
@@ -476,7 +481,8 @@ impl Connection {
                     let mut conn = cluster.clone();
                     let wait = wait.clone();
                     async move {
-                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                        let routing =
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
                         let v = conn.route_command(wait, routing).await?;
                         redis::FromRedisValue::from_redis_value(v).map_err(redis::RedisError::from)
                     }

@@ -239,7 +239,11 @@ impl RedisStore {
                 .await,
         )?;
         if v > 0 {
-            self.note(self.connection().replicated("complete lock", &[&lock.data_key]).await)?;
+            self.note(
+                self.connection()
+                    .replicated("complete lock", &[&lock.data_key])
+                    .await,
+            )?;
         }
         Ok((v > 0).then_some(v))
     }
@@ -322,7 +326,11 @@ impl RedisStore {
             .map(|((lock, _), _)| &lock.data_key)
             .collect();
         if !written.is_empty() {
-            self.note(self.connection().replicated("complete locks", &written).await)?;
+            self.note(
+                self.connection()
+                    .replicated("complete locks", &written)
+                    .await,
+            )?;
         }
         Ok(replies.into_iter().map(|v| (v > 0).then_some(v)).collect())
     }
@@ -400,7 +408,11 @@ impl RedisStore {
                 .await,
         )?;
         if n == 1 {
-            self.note(self.connection().replicated("set if locked", &[&lock.data_key]).await)?;
+            self.note(
+                self.connection()
+                    .replicated("set if locked", &[&lock.data_key])
+                    .await,
+            )?;
         }
         Ok(n == 1)
     }

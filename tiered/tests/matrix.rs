@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{Loads, SOON, Target};
 use testkit::{RedisCluster, RedisServer};
-use tiered::l2::KeySpace;
 use tiered::EntryOptions;
+use tiered::l2::KeySpace;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_single_server() {
@@ -34,7 +34,10 @@ async fn on_a_cluster_with_a_least_privilege_user() {
         let mut patterns = Vec::new();
         for r in &rules {
             // Keys and channels of every namespace; the commands once.
-            patterns.extend(r.split_whitespace().filter(|t| t.starts_with('~') || t.starts_with('&')));
+            patterns.extend(
+                r.split_whitespace()
+                    .filter(|t| t.starts_with('~') || t.starts_with('&')),
+            );
         }
         let commands: Vec<&str> = rules[0]
             .split_whitespace()
@@ -61,11 +64,22 @@ async fn on_a_cluster_with_a_least_privilege_user() {
             .filter(|w| w[0] == "object")
             .map(|w| w[1])
             .collect();
-        assert!(denied.iter().all(|o| *o == "info"), "denied on {}: {denied:?}", node.port());
+        assert!(
+            denied.iter().all(|o| *o == "info"),
+            "denied on {}: {denied:?}",
+            node.port()
+        );
     }
 }
 
-const NAMESPACES: [&str; 6] = ["m-flight", "m-inval", "m-batch", "m-swr", "m-corrupt", "m-clear"];
+const NAMESPACES: [&str; 6] = [
+    "m-flight",
+    "m-inval",
+    "m-batch",
+    "m-swr",
+    "m-corrupt",
+    "m-clear",
+];
 
 async fn run_all(target: &Target) {
     let started = Instant::now();
@@ -87,12 +101,19 @@ async fn single_flight_across_nodes(target: &Target, ns: &str) {
     for i in 0..200 {
         let node = if i % 2 == 0 { a.clone() } else { b.clone() };
         let loader = loads.returning("v", Duration::from_millis(100));
-        calls.push(tokio::spawn(async move { node.get_or_set("cold", loader).await }));
+        calls.push(tokio::spawn(async move {
+            node.get_or_set("cold", loader).await
+        }));
     }
     for call in calls {
         assert_eq!(call.await.unwrap().unwrap(), "v");
     }
-    assert_eq!(loads.count(), 1, "{}: one load for 200 callers on two nodes", target.name);
+    assert_eq!(
+        loads.count(),
+        1,
+        "{}: one load for 200 callers on two nodes",
+        target.name
+    );
 }
 
 /// A write or delete on one node evicts the others' copies.
@@ -127,13 +148,19 @@ async fn batches_span_slots(target: &Target, ns: &str) {
             )
         }
     };
-    let got = a.get_or_set_many(&keys, loader(asked.clone())).await.unwrap();
+    let got = a
+        .get_or_set_many(&keys, loader(asked.clone()))
+        .await
+        .unwrap();
     assert_eq!(got.len(), 30);
     assert_eq!(asked.lock().unwrap().len(), 1);
     // Another node: all 30 from L2, ten more missing.
     let mut more = keys.clone();
     more.extend((30..40).map(|i| format!("b{i}")));
-    let got = b.get_or_set_many(&more, loader(asked.clone())).await.unwrap();
+    let got = b
+        .get_or_set_many(&more, loader(asked.clone()))
+        .await
+        .unwrap();
     assert_eq!(got.len(), 40);
     assert_eq!(got["b7"], "b7-loaded");
     let calls = asked.lock().unwrap().clone();
@@ -142,7 +169,11 @@ async fn batches_span_slots(target: &Target, ns: &str) {
     second.sort();
     let mut expected: Vec<String> = (30..40).map(|i| format!("b{i}")).collect();
     expected.sort();
-    assert_eq!(second, expected, "{}: the loader got exactly the missing keys", target.name);
+    assert_eq!(
+        second, expected,
+        "{}: the loader got exactly the missing keys",
+        target.name
+    );
 }
 
 /// Past its TTL inside the SWR window an entry is served stale at once and refreshed once.
@@ -165,11 +196,21 @@ async fn stale_while_revalidate_refreshes_once(target: &Target, ns: &str) {
         }));
     }
     for call in calls {
-        assert_eq!(call.await.unwrap().unwrap(), "old", "{}: stale at once", target.name);
+        assert_eq!(
+            call.await.unwrap().unwrap(),
+            "old",
+            "{}: stale at once",
+            target.name
+        );
     }
     wait_until(|| loads.count() >= 2, "the refresh ran").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(loads.count(), 2, "{}: one refresh for both nodes", target.name);
+    assert_eq!(
+        loads.count(),
+        2,
+        "{}: one refresh for both nodes",
+        target.name
+    );
     let fresh = b
         .get_or_set_with("s", options, loads.returning("again", Duration::ZERO))
         .await
@@ -186,7 +227,10 @@ async fn corrupt_bytes_are_evicted_and_counted(target: &Target, ns: &str) {
         .await
         .unwrap();
     let loads = Loads::default();
-    let v = a.get_or_set("bad", loads.returning("good", Duration::ZERO)).await.unwrap();
+    let v = a
+        .get_or_set("bad", loads.returning("good", Duration::ZERO))
+        .await
+        .unwrap();
     assert_eq!(v, "good");
     assert_eq!(loads.count(), 1);
     let stats = a.store().stats();
@@ -209,7 +253,12 @@ async fn clear_reaches_every_master_and_node(target: &Target, ns: &str) {
     assert!(deleted >= 30, "{}: deleted {deleted}", target.name);
     wait_until(|| !b.is_fresh_locally("c0"), "b hears the clear").await;
     for i in 0..30 {
-        assert_eq!(b.get(&format!("c{i}")).await.unwrap(), None, "{}", target.name);
+        assert_eq!(
+            b.get(&format!("c{i}")).await.unwrap(),
+            None,
+            "{}",
+            target.name
+        );
     }
 }
 
@@ -220,4 +269,3 @@ async fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
-

@@ -1,6 +1,8 @@
 //! Helpers shared by the tiered integration tests.
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part
 
+pub mod checker;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
