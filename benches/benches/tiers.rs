@@ -4,7 +4,8 @@
 //! - `l2_hit`: `TieredCache::get_with` with L1 skipped (`tiered`: single-flighted L2 read) and
 //!   `l2::RedisStore::get` (`ours`: one round trip + envelope checks + decode) vs a bare
 //!   redis-rs `GET` of the same bytes plus `rmp_serde` decode.
-//!
+//! - `cluster_l2_hit`: `l2::RedisStore::get` on a local six-node Redis Cluster vs a bare
+//!   redis-rs cluster-client `GET` + decode.
 //! - `miss_load`: a cold key with a no-op loader vs a bare `SET` + `GET`.
 //! - `swr_stale_hit`: a read inside the stale-while-revalidate window vs an L1 hit.
 //! - `contention`: 1,000 tasks on one cold key (one load) vs 1,000 no-op tasks.
@@ -141,6 +142,58 @@ fn l2_hit(c: &mut Criterion) {
             async move {
                 let bytes: Vec<u8> = redis::cmd("GET")
                     .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(rmp_serde::from_slice::<Profile>(&bytes).unwrap())
+            }
+        })
+    });
+    g.finish();
+}
+
+/// An L2 hit on a six-node Redis Cluster: our `get` (the key's master, one pipelined
+/// GETRANGE + PTTL, envelope decode) beside a bare cluster-client GET + decode.
+fn cluster_l2_hit(c: &mut Criterion) {
+    let rt = runtime();
+    let cluster = testkit::RedisCluster::start();
+    let codec = l2::Codec::<Profile>::new(l2::TypeTag::from_name("bench.Profile/v1"));
+    let key = l2::KeySpace::new("profiles").key("42");
+    let (store, raw) = rt.block_on(async {
+        let conn = l2::Connection::cluster(cluster.urls())
+            .connect()
+            .await
+            .unwrap();
+        let store = l2::RedisStore::new(conn);
+        let meta = l2::EntryMeta::new(Duration::from_secs(3600));
+        store.set(&key, &codec, &profile(), &meta).await.unwrap();
+        let mut raw = redis::cluster::ClusterClientBuilder::new(cluster.urls())
+            .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+            .build()
+            .unwrap()
+            .get_async_connection()
+            .await
+            .unwrap();
+        let bytes = rmp_serde::to_vec_named(&profile()).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("bare:profile")
+            .arg(bytes)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        (store, raw)
+    });
+    let mut g = c.benchmark_group("cluster_l2_hit");
+    g.bench_function("ours", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(store.get(&key, &codec).await.unwrap()) })
+    });
+    g.bench_function("bare_get_decode", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut conn = raw.clone();
+            async move {
+                let bytes: Vec<u8> = redis::cmd("GET")
+                    .arg("bare:profile")
                     .query_async(&mut conn)
                     .await
                     .unwrap();
@@ -508,6 +561,7 @@ criterion_group!(
     benches,
     l1_hit,
     l2_hit,
+    cluster_l2_hit,
     miss_load,
     swr_stale_hit,
     contention,

@@ -627,6 +627,24 @@ async fn split_by_slot(
     pipe: &redis::Pipeline,
     keep_errors: bool,
 ) -> redis::RedisResult<Vec<Value>> {
+    // One slot (a single key's read, the common case): the cluster client routes the
+    // pipeline as it is.
+    let mut slots = pipe
+        .cmd_iter()
+        .map(|cmd| first_key(cmd).map(|k| Route::with_key(&k, SlotAddr::Master)));
+    if let Some(Some(first)) = slots.next()
+        && slots.all(|r| r == Some(first))
+    {
+        let mut conn = cluster.clone();
+        let values: Vec<Value> = pipe.query_async(&mut conn).await?;
+        if !keep_errors
+            && let Some(Value::ServerError(e)) =
+                values.iter().find(|v| matches!(v, Value::ServerError(_)))
+        {
+            return Err(e.clone().into());
+        }
+        return Ok(values);
+    }
     let mut parts: HashMap<Route, (redis::Pipeline, Vec<usize>)> = HashMap::new();
     let mut total = 0;
     for (i, cmd) in pipe.cmd_iter().enumerate() {

@@ -61,10 +61,14 @@ fn a_master_killed_during_the_workload_costs_errors_only_while_it_fails_over() {
     let reads_after: usize = outcome
         .ops
         .iter()
-        .filter(|o| o.start_us > last_error && matches!(o.kind, testkit::coherence::OpKind::Read { .. }))
+        .filter(|o| {
+            o.start_us > last_error && matches!(o.kind, testkit::coherence::OpKind::Read { .. })
+        })
         .count();
-    println!("failover: slot served by the replica {failover:?} after the kill; killed node rejoined {:?} after the kill",
-        Duration::from_micros(rejoined_us - kill_us));
+    println!(
+        "failover: slot served by the replica {failover:?} after the kill; killed node rejoined {:?} after the kill",
+        Duration::from_micros(rejoined_us - kill_us)
+    );
     println!(
         "errors: {} in all ({before} before the kill), the last {recovered_after:?} after the kill; {} reads after it",
         errors.len(),
@@ -77,7 +81,10 @@ fn a_master_killed_during_the_workload_costs_errors_only_while_it_fails_over() {
     }
     println!("errors per 500 ms after the kill: {buckets:?}");
     println!("gaps per node: {:?}", outcome.gaps);
-    println!("coherence checker (failover), Δ = {:?}: {report}", bus().bound());
+    println!(
+        "coherence checker (failover), Δ = {:?}: {report}",
+        bus().bound()
+    );
     for v in report.violations.iter().take(5) {
         println!("  violation: {v:?}");
     }
@@ -88,7 +95,10 @@ fn a_master_killed_during_the_workload_costs_errors_only_while_it_fails_over() {
         recovered_after < Duration::from_secs(8),
         "errors stop once the cluster has failed over: the last was {recovered_after:?} after the kill"
     );
-    assert!(reads_after > 1000, "the workload ran on after the failover: {reads_after} reads");
+    assert!(
+        reads_after > 1000,
+        "the workload ran on after the failover: {reads_after} reads"
+    );
     assert!(
         outcome.gaps.iter().all(|&g| g >= 1),
         "every node dropped its L1: {:?}",
