@@ -261,6 +261,8 @@ pub(crate) fn print(
                     OpKind::Write { value, version } =>
                         format!("wrote {value} (version {version})"),
                     OpKind::Delete { version } => format!("deleted (version {version})"),
+                    OpKind::Failed { value: Some(value) } => format!("failed to write {value}"),
+                    OpKind::Failed { value: None } => "failed to delete".to_string(),
                     OpKind::Read { .. } => String::new(),
                 },
                 o.start_us.saturating_sub(start_us) as f64 / 1e6,

@@ -525,7 +525,7 @@ impl Connection {
             return Ok(Vec::new());
         }
         let slots: Vec<Value> = self
-            .query("cluster slots", &redis::cmd("CLUSTER").arg("SLOTS"))
+            .query("cluster slots", redis::cmd("CLUSTER").arg("SLOTS"))
             .await?;
         let mut masters = Vec::new();
         let mut replicas = Vec::new();

@@ -1,9 +1,12 @@
 //! The Redis tier (L2) of the tiered cache.
 //!
 //! What it is for: everything that touches Redis for the cache's values.
-//! - [`Connection`]: one multiplexed connection that reconnects by itself, `TCP_NODELAY` on,
+//! - [`Connection`]: one server ([`Connection::builder`]) or a Redis Cluster
+//!   ([`Connection::cluster`]), plain or TLS (`rediss://`, rustls, a private CA with
+//!   [`ConnectionBuilder::tls_root_certificate`]); multiplexed, reconnecting, `TCP_NODELAY` on,
 //!   and a timeout on every command (250 ms by default), so a hung Redis is a typed
-//!   [`Error::Timeout`], never a hang.
+//!   [`Error::Timeout`], never a hang. Optionally writes wait for replicas
+//!   ([`ConnectionBuilder::replica_acks`]).
 //! - [`RedisStore`]: typed get / set / delete, batch reads and writes in one round trip,
 //!   namespace clears by `SCAN` (never `KEYS`), and counters ([`StoreStats`]).
 //! - The envelope ([`Codec`], [`EntryMeta`], [`TypeTag`]): a binary header (magic, format
@@ -17,8 +20,15 @@
 //! What it is not for: the in-process tier, single-flight, or deciding when to lock or serve
 //! stale data (that is `tiered`). It knows nothing of moka.
 //!
-//! Every script and multi-key operation touches one key or one hash tag, so the same calls
-//! will run on Redis Cluster.
+//! Every script touches one key and its lock, under one hash tag, so the same calls run on a
+//! Redis Cluster; batches are split by slot there (atomic per slot), and clears scan every
+//! master. [`Subscriber`] on a cluster moves to a live node when its node dies.
+//!
+//! # Least-privilege ACL user
+//! [`KeySpace::acl_rules`] gives the rules for a user that may cache in one namespace only:
+//! its keys, its channels, and the commands this crate sends (no `@dangerous` ones). A
+//! refused command is [`Error::Permission`]. URLs and passwords never appear in `Debug`
+//! output or errors.
 //!
 //! ```no_run
 //! # async fn f() -> l2::Result<()> {
@@ -106,5 +116,6 @@ mod tests {
         is_send(&store.unlock_many(&[]));
         is_send(&store.lookup_or_lock(&key, &codec, ttl));
         is_send(&Subscriber::connect(store.connection()));
+        is_send(&Connection::cluster([""]).connect());
     }
 }

@@ -196,9 +196,32 @@ impl RedisCluster {
             .expect("a node of this cluster")
     }
 
-    /// Every running node says `cluster_state:ok` with all slots, and every running replica's
-    /// link to its master is up.
+    /// Every running node says `cluster_state:ok` with all slots, every running replica's
+    /// link to its master is up, and every running node sees the same roles, with no master
+    /// left without slots (gossip has spread who replicates whom).
     fn is_ready(&self) -> bool {
+        let mut views = self.running().map(|node| {
+            let mut roles: Vec<(String, bool, bool)> =
+                parse_nodes(&command_at(node.addr(), &["CLUSTER", "NODES"]))
+                    .into_iter()
+                    .filter(|n| self.running().any(|r| r.addr() == n.addr))
+                    .map(|n| (n.id, n.master, !n.slots.is_empty()))
+                    .collect();
+            roles.sort();
+            roles
+        });
+        let Some(first) = views.next() else {
+            return false;
+        };
+        let running = self.running().count();
+        // In this layout every master serves slots: a master without any is a replica that
+        // has not been told whom to replicate yet.
+        if first.len() != running
+            || first.iter().any(|(_, master, slots)| *master && !slots)
+            || !views.all(|v| v == first)
+        {
+            return false;
+        }
         self.running().all(|node| {
             let info = command_at(node.addr(), &["CLUSTER", "INFO"]);
             if !(info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")) {

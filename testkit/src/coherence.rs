@@ -367,4 +367,66 @@ mod tests {
         }
         assert_eq!(Op::from_line("junk"), None);
     }
+
+    #[test]
+    fn reads_a_failed_change_may_explain_are_uncertain_not_violations() {
+        let ops = vec![
+            op(
+                0,
+                0,
+                10,
+                OpKind::Write {
+                    value: "a".into(),
+                    version: 1,
+                },
+            ),
+            // A write that timed out: it may have landed.
+            op(
+                0,
+                20,
+                30,
+                OpKind::Failed {
+                    value: Some("b".into()),
+                },
+            ),
+            op(
+                1,
+                2_000_000,
+                2_000_010,
+                OpKind::Read {
+                    value: Some("b".into()),
+                },
+            ),
+            // A delete that failed may explain reading nothing.
+            op(0, 40, 50, OpKind::Failed { value: None }),
+            op(1, 2_000_100, 2_000_110, OpKind::Read { value: None }),
+        ];
+        let report = check(&ops, Duration::from_millis(500));
+        assert_eq!(report.failed, 2);
+        assert_eq!(report.uncertain, 2);
+        assert!(report.violations.is_empty());
+        assert_eq!(report.unknown_values, 0);
+        // A failed change does not hide a real violation of another value.
+        let mut ops = ops;
+        ops.push(op(
+            0,
+            60,
+            70,
+            OpKind::Write {
+                value: "c".into(),
+                version: 3,
+            },
+        ));
+        ops.push(op(
+            1,
+            3_000_000,
+            3_000_010,
+            OpKind::Read {
+                value: Some("a".into()),
+            },
+        ));
+        assert_eq!(check(&ops, Duration::from_millis(500)).violations.len(), 1);
+        let line = ops[1].to_line();
+        assert_eq!(Op::from_line(&line), Some(ops[1].clone()));
+    }
 }

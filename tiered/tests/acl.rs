@@ -77,12 +77,17 @@ async fn every_feature_works_for_the_least_privilege_user() {
         .unwrap();
     assert_eq!(many.len(), 3);
     a.invalidate("k").await.unwrap();
+    let start = std::time::Instant::now();
+    while b.is_fresh_locally("k") {
+        assert!(start.elapsed() < SOON, "b never heard the delete");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     assert_eq!(b.get("k").await.unwrap(), None);
     let cleared = a.clear().await.unwrap();
     assert!(cleared >= 3, "cleared {cleared}");
     let swr =
         EntryOptions::new(Duration::from_millis(50)).stale_while_revalidate(Duration::from_secs(5));
-    a.get_or_set_with("s", swr.clone(), loads.returning("old", Duration::ZERO))
+    a.get_or_set_with("s", swr, loads.returning("old", Duration::ZERO))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(80)).await;
