@@ -32,7 +32,24 @@ pub(crate) fn run(args: &RunArgs) -> Result<bool, Failure> {
     let namespace = format!("demo-{run_id}");
     let db_prefix = format!("demo-db:{run_id}:");
     let out = OutDir::create(&run_id)?;
+    let cluster = if args.cluster {
+        let cluster = start_private(testkit::RedisCluster::start, "a local Redis Cluster")?;
+        let ports: Vec<String> = cluster
+            .nodes()
+            .iter()
+            .map(|n| n.port().to_string())
+            .collect();
+        println!(
+            "Started a local Redis Cluster for L2 (3 masters, 3 replicas on 127.0.0.1 ports {}); \
+             the database stays on the single Redis.",
+            ports.join(", ")
+        );
+        Some(cluster)
+    } else {
+        None
+    };
     let settings = Settings {
+        cache_cluster: cluster.as_ref().map(|c| c.urls()).unwrap_or_default(),
         namespace: namespace.clone(),
         db_prefix: db_prefix.clone(),
         out_dir: out.path.clone(),
@@ -89,6 +106,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<bool, Failure> {
         args, &reports, &latencies, &check, &history, delta, start_us,
     );
     redis.clean_up(&namespace, &db_prefix);
+    drop(cluster);
     Ok(check.violations.is_empty() && check.unknown_values == 0)
 }
 
@@ -296,9 +314,18 @@ fn check_reachable(url: &str) -> Result<String, Failure> {
 /// Starts a private redis-server; its panics (not installed, did not start) become one
 /// clean error.
 fn start_private_server() -> Result<testkit::RedisServer, Failure> {
+    start_private(
+        testkit::RedisServer::start,
+        "REDIS_URL is not set and a private redis-server",
+    )
+}
+
+/// Starts `what` with `start`; its panics (not installed, did not start) become one clean
+/// error.
+fn start_private<T>(start: fn() -> T, what: &str) -> Result<T, Failure> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let started = std::panic::catch_unwind(testkit::RedisServer::start);
+    let started = std::panic::catch_unwind(start);
     std::panic::set_hook(hook);
     started.map_err(|panic| {
         let text = panic
@@ -307,9 +334,7 @@ fn start_private_server() -> Result<testkit::RedisServer, Failure> {
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown error".into());
         let first = text.lines().next().unwrap_or_default();
-        Failure::run(format!(
-            "REDIS_URL is not set and a private redis-server could not be started: {first}"
-        ))
+        Failure::run(format!("{what} could not be started: {first}"))
     })
 }
 

@@ -16,7 +16,8 @@
 //! reads the row.
 //!
 //! Uses `REDIS_URL` when set (and checks it answers first); otherwise starts a private
-//! `redis-server` on a free port and says so. Every run uses a namespace of its own.
+//! `redis-server` on a free port and says so. Every run uses a namespace of its own. With
+//! `--cluster`, L2 is a local six-node Redis Cluster started for the run (needs `redis-cli`).
 //!
 //! ```text
 //! cargo run --release -p demo
@@ -24,6 +25,7 @@
 //! cargo run --release -p demo -- --keys 100000 --zipf 0.8 --write-ratio 0.01 --l1-bytes 4MiB
 //! cargo run --release -p demo -- --ttl 2s --swr 1s --db-latency 50ms --workers 8
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --release -p demo
+//! cargo run --release -p demo -- --cluster
 //! ```
 //!
 //! It prints a progress bar while it runs, then a summary: requests, the share of reads and
@@ -99,6 +101,10 @@ pub(crate) struct RunArgs {
     /// Concurrent worker tasks per node.
     #[arg(long, default_value_t = 4)]
     pub(crate) workers: u32,
+    /// Keep L2 on a local six-node Redis Cluster (3 masters, 3 replicas) started for the run;
+    /// the simulated database stays on the single Redis.
+    #[arg(long)]
+    pub(crate) cluster: bool,
 }
 
 impl RunArgs {

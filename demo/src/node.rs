@@ -69,6 +69,9 @@ pub(crate) struct Settings {
     pub(crate) swr: Duration,
     /// Database latency per query.
     pub(crate) db_latency: Duration,
+    /// The seed URLs of a Redis Cluster for L2 (empty: L2 is the single Redis).
+    #[serde(default)]
+    pub(crate) cache_cluster: Vec<String>,
 }
 
 /// Runs node `index` with `settings` (JSON); returns the process exit code.
@@ -170,9 +173,13 @@ async fn run(index: u32, s: Settings, url: String) -> Result<(), String> {
     let options = EntryOptions::new(s.ttl)
         .stale_while_revalidate(s.swr)
         .negative_ttl(s.ttl);
-    let cache: TieredCache<String> = TieredCache::builder()
-        .namespace(&s.namespace)
-        .redis_url(&url)
+    let builder = TieredCache::builder().namespace(&s.namespace);
+    let builder = if s.cache_cluster.is_empty() {
+        builder.redis_url(&url)
+    } else {
+        builder.redis_cluster(s.cache_cluster.clone())
+    };
+    let cache: TieredCache<String> = builder
         .l1_max_bytes(s.l1_bytes)
         .bus_config(bus_config())
         .default_options(options)

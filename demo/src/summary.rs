@@ -53,7 +53,7 @@ pub(crate) fn print(
     }
 
     println!(
-        "nodes {} · workers {}/node · keys {} (zipf {}) · write ratio {} · L1 {} · TTL {} · SWR {} · DB latency {} · {}",
+        "nodes {} · workers {}/node · keys {} (zipf {}) · write ratio {} · L1 {} · TTL {} · SWR {} · DB latency {} · {}{}",
         args.nodes,
         args.workers,
         thousands(args.keys),
@@ -64,6 +64,11 @@ pub(crate) fn print(
         human(args.swr),
         human(args.db_latency),
         human(args.duration),
+        if args.cluster {
+            " · L2 on a 6-node Redis Cluster"
+        } else {
+            ""
+        },
     );
     let per_second = requests as f64 / args.duration.as_secs_f64();
     println!(
