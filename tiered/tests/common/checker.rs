@@ -46,7 +46,7 @@ pub struct Run {
 pub struct Outcome {
     pub report: Report,
     pub ops: Vec<Op>,
-    /// Every failed operation's start time (µs), from all nodes.
+    /// When each failed operation returned its error (µs), from all nodes.
     pub errors_us: Vec<u64>,
     /// Per node: the invalidation gaps it saw (each drops its L1).
     pub gaps: Vec<u64>,
@@ -107,7 +107,7 @@ pub fn node_main() {
                         match cache.get(&key).await {
                             Ok(value) => OpKind::Read { value },
                             Err(_) => {
-                                errors.push(start_us);
+                                errors.push(now_us());
                                 // A failed read says nothing; pace the retry a little.
                                 tokio::time::sleep(Duration::from_millis(1)).await;
                                 continue;
@@ -119,7 +119,7 @@ pub fn node_main() {
                         match cache.set(&key, &value).await {
                             Ok(version) => OpKind::Write { value, version },
                             Err(_) => {
-                                errors.push(start_us);
+                                errors.push(now_us());
                                 OpKind::Failed { value: Some(value) }
                             }
                         }
@@ -127,7 +127,7 @@ pub fn node_main() {
                         match cache.invalidate(&key).await {
                             Ok(version) => OpKind::Delete { version },
                             Err(_) => {
-                                errors.push(start_us);
+                                errors.push(now_us());
                                 OpKind::Failed { value: None }
                             }
                         }
