@@ -208,7 +208,9 @@ impl ConnectionBuilder {
     /// Acknowledge a write only once `replicas` replicas have it (`WAIT replicas timeout`
     /// after each write, on the key's master), so a failover that promotes one of them cannot
     /// lose it. A write that `timeout` does not see replicated fails with
-    /// [`Error::NotReplicated`] (it is on the master, and may still be lost). Costs one round
+    /// [`Error::NotReplicated`] (it is on the master, and may still be lost). `timeout` must
+    /// be below the command timeout ([`ConnectionBuilder::timeout`]). The `WAIT` goes in the
+    /// same pipeline as the write, so it covers that write even across a reconnect. Costs one round
     /// trip to the replicas per write, and holds the writer's connection meanwhile (reads
     /// sharing it queue behind). Default: off — Redis replication is asynchronous, and a
     /// failover can lose the last writes a master acknowledged.
@@ -267,6 +269,15 @@ impl ConnectionBuilder {
     /// [`Error::Timeout`] or [`Error::Redis`] when Redis cannot be reached.
     pub async fn connect(self) -> Result<Connection> {
         let nodes = self.parse()?;
+        if let Some((_, wait)) = self.replica_acks
+            && wait >= self.timeout
+        {
+            return Err(Error::Config(format!(
+                "replica_acks: the replica timeout ({wait:?}) must be below the command timeout \
+                 ({:?}), or a slow replica would read as a Redis timeout",
+                self.timeout
+            )));
+        }
         let tls = nodes
             .iter()
             .any(|n| matches!(n.addr(), ConnectionAddr::TcpTls { .. }));
@@ -419,23 +430,69 @@ impl Connection {
     /// `pipe`'s order. `keep_errors` must say whether `pipe` was built with
     /// [`redis::Pipeline::ignore_errors`] (server errors returned in their place rather than
     /// failing the whole), which a pipeline does not tell.
+    ///
+    /// `replicate`: a write that, with [`ConnectionBuilder::replica_acks`], must wait for
+    /// replicas: `WAIT` is appended to the pipeline (to each slot's part on a cluster, so it
+    /// runs on the connection that carried the writes), and its replies checked and removed.
     pub(crate) async fn query_pipe<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
         pipe: &redis::Pipeline,
         keep_errors: bool,
+        replicate: bool,
     ) -> Result<T> {
-        let Handle::Cluster(cluster) = &self.handle else {
+        let wait = if replicate { self.wait_cmd() } else { None };
+        if wait.is_none() && !self.is_cluster() {
             let mut conn = self.handle.clone();
             return self
                 .bounded(op, async move { pipe.query_async(&mut conn).await })
                 .await;
-        };
-        let values = self
-            .bounded(op, split_by_slot(cluster, pipe, keep_errors))
-            .await?;
+        }
+        let (values, acks) = self.run_pipe(op, pipe, keep_errors, wait.as_ref()).await?;
+        if let Some((_, wanted)) = wait {
+            for acked in acks {
+                check_acks(op, Some(acked), wanted)?;
+            }
+        }
         redis::FromRedisValue::from_redis_value(Value::Array(values))
             .map_err(|e| Error::redis(op, e.into()))
+    }
+
+    /// Runs `pipe` (split by slot on a cluster), with `wait` appended to it (to each part),
+    /// and returns the replies and, apart, the `WAIT` replies unchecked.
+    async fn run_pipe(
+        &self,
+        op: &'static str,
+        pipe: &redis::Pipeline,
+        keep_errors: bool,
+        wait: Option<&(redis::Cmd, u32)>,
+    ) -> Result<(Vec<Value>, Vec<Value>)> {
+        debug_assert!(
+            wait.is_none() || !pipe.is_transaction(),
+            "WAIT cannot run inside MULTI"
+        );
+        match &self.handle {
+            Handle::Single(_) => {
+                let mut conn = self.handle.clone();
+                let mut pipe = pipe.clone();
+                if let Some((wait, _)) = wait {
+                    pipe.add_command(wait.clone());
+                }
+                let mut values: Vec<Value> = self
+                    .bounded(op, async move { pipe.query_async(&mut conn).await })
+                    .await?;
+                let acks = if wait.is_some() {
+                    values.pop().into_iter().collect()
+                } else {
+                    Vec::new()
+                };
+                Ok((values, acks))
+            }
+            Handle::Cluster(cluster) => {
+                self.bounded(op, split_by_slot(cluster, pipe, keep_errors, wait))
+                    .await
+            }
+        }
     }
 
     /// Runs a Lua script (EVALSHA, loading it on NOSCRIPT), bounded by the timeout.
@@ -449,58 +506,78 @@ impl Connection {
             .await
     }
 
-    /// After a write to `keys`: with [`ConnectionBuilder::replica_acks`], waits until the
-    /// replicas have it (`WAIT` on each key's master, concurrently); else nothing.
-    pub(crate) async fn replicated<K: AsRef<str>>(
-        &self,
-        op: &'static str,
-        keys: &[K],
-    ) -> Result<()> {
-        let Some((wanted, timeout)) = self.settings.replica_acks else {
-            return Ok(());
-        };
+    /// `WAIT replicas timeout` and the replicas wanted, if writes must wait for replicas.
+    fn wait_cmd(&self) -> Option<(redis::Cmd, u32)> {
+        let (wanted, timeout) = self.settings.replica_acks?;
         let mut wait = redis::cmd("WAIT");
         wait.arg(wanted).arg(
             u64::try_from(timeout.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
         );
-        let bound = self.timeout + timeout;
-        let acked: Vec<i64> = match &self.handle {
-            Handle::Single(_) => {
-                let mut conn = self.handle.clone();
-                let wait = &wait;
-                vec![bounded(op, bound, async move { wait.query_async(&mut conn).await }).await?]
+        Some((wait, wanted))
+    }
+
+    /// Runs a write script: `EVALSHA`, loading the script on `NOSCRIPT`. With
+    /// [`ConnectionBuilder::replica_acks`] it is followed by `WAIT` **in the same pipeline**,
+    /// so the `WAIT` covers this write on this connection — never a fresh connection that has
+    /// sent nothing (after a reconnect a separate `WAIT` would confirm a write it never saw).
+    pub(crate) async fn invoke_write<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        call: &ScriptCall,
+    ) -> Result<T> {
+        if self.settings.replica_acks.is_none() {
+            let mut invocation = call.script.prepare_invoke();
+            for key in &call.keys {
+                invocation.key(key.as_slice());
             }
-            Handle::Cluster(cluster) => {
-                let routes: std::collections::HashSet<Route> = keys
-                    .iter()
-                    .map(|k| Route::with_key(k.as_ref().as_bytes(), SlotAddr::Master))
-                    .collect();
-                let waits = routes.into_iter().map(|route| {
-                    let mut conn = cluster.clone();
-                    let wait = wait.clone();
-                    async move {
-                        let routing =
-                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                        let v = conn.route_command(wait, routing).await?;
-                        redis::FromRedisValue::from_redis_value(v).map_err(redis::RedisError::from)
-                    }
-                });
-                bounded(op, bound, async move {
-                    futures_util::future::try_join_all(waits).await
-                })
-                .await?
+            for arg in &call.args {
+                invocation.arg(arg.as_slice());
             }
-        };
-        match acked.into_iter().min() {
-            Some(acked) if acked < i64::from(wanted) => Err(Error::NotReplicated {
-                op,
-                acked: u32::try_from(acked).unwrap_or(0),
-                wanted,
-            }),
-            _ => Ok(()),
+            return self.invoke(op, &invocation).await;
         }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("EVALSHA")
+            .arg(call.script.get_hash())
+            .arg(call.keys.len())
+            .arg(&call.keys)
+            .arg(&call.args);
+        let wait = self.wait_cmd();
+        for attempt in 0..2 {
+            let (mut values, acks) = self.run_pipe(op, &pipe, true, wait.as_ref()).await?;
+            let reply = values.pop().unwrap_or(Value::Nil);
+            // A script that did not run wrote nothing: its WAIT says nothing either.
+            if !matches!(&reply, Value::ServerError(e) if e.code() == "NOSCRIPT")
+                && let Some((_, wanted)) = &wait
+            {
+                for acked in acks {
+                    check_acks(op, Some(acked), *wanted)?;
+                }
+            }
+            match reply {
+                Value::ServerError(e) if e.code() == "NOSCRIPT" && attempt == 0 => {
+                    // Load it (on every node of a cluster) and send the pair again.
+                    let mut conn = self.handle.clone();
+                    let script = call.script;
+                    let _: String = self
+                        .bounded(op, async move {
+                            script.prepare_invoke().load_async(&mut conn).await
+                        })
+                        .await?;
+                }
+                Value::ServerError(e) => return Err(Error::redis(op, e.into())),
+                value => {
+                    return redis::FromRedisValue::from_redis_value(value)
+                        .map_err(|e| Error::redis(op, e.into()));
+                }
+            }
+        }
+        Err(Error::redis(
+            op,
+            redis::RedisError::from((redis::ErrorKind::Client, "NOSCRIPT after SCRIPT LOAD")),
+        ))
     }
 
     /// The masters of a cluster as `(host, port)` (from `CLUSTER SLOTS`); empty on one
@@ -621,14 +698,17 @@ fn first_key(cmd: &redis::Cmd) -> Option<Vec<u8>> {
 
 /// Runs `pipe` on a cluster as one pipeline per hash slot, concurrently, and puts the replies
 /// back in `pipe`'s order. Each part keeps errors in place; unless `keep_errors`, the first
-/// server error fails the whole (as one server's pipeline would).
+/// server error fails the whole (as one server's pipeline would). With `wait`, each part ends
+/// with that `WAIT`, whose replies are returned apart.
 async fn split_by_slot(
     cluster: &ClusterConnection,
     pipe: &redis::Pipeline,
     keep_errors: bool,
-) -> redis::RedisResult<Vec<Value>> {
-    // One slot (a single key's read, the common case): the cluster client routes the
-    // pipeline as it is.
+    wait: Option<&(redis::Cmd, u32)>,
+) -> redis::RedisResult<(Vec<Value>, Vec<Value>)> {
+    let mut acks = Vec::new();
+    // One slot (a single key's read or write, the common case): the cluster client routes
+    // the pipeline as it is.
     let mut slots = pipe
         .cmd_iter()
         .map(|cmd| first_key(cmd).map(|k| Route::with_key(&k, SlotAddr::Master)));
@@ -636,14 +716,17 @@ async fn split_by_slot(
         && slots.all(|r| r == Some(first))
     {
         let mut conn = cluster.clone();
-        let values: Vec<Value> = pipe.query_async(&mut conn).await?;
-        if !keep_errors
-            && let Some(Value::ServerError(e)) =
-                values.iter().find(|v| matches!(v, Value::ServerError(_)))
-        {
-            return Err(e.clone().into());
-        }
-        return Ok(values);
+        let values: Vec<Value> = match wait {
+            None => pipe.query_async(&mut conn).await?,
+            Some((wait, _)) => {
+                let mut pipe = pipe.clone();
+                pipe.add_command(wait.clone());
+                let mut values: Vec<Value> = pipe.query_async(&mut conn).await?;
+                acks.extend(values.pop());
+                values
+            }
+        };
+        return no_errors_unless(keep_errors, values).map(|v| (v, acks));
     }
     let mut parts: HashMap<Route, (redis::Pipeline, Vec<usize>)> = HashMap::new();
     let mut total = 0;
@@ -668,8 +751,11 @@ async fn split_by_slot(
         part.add_command(cmd.clone());
         at.push(i);
     }
-    let runs = parts.into_values().map(|(part, at)| {
+    let runs = parts.into_values().map(|(mut part, at)| {
         let mut conn = cluster.clone();
+        if let Some((wait, _)) = wait {
+            part.add_command(wait.clone());
+        }
         async move {
             let values: Vec<Value> = part.query_async(&mut conn).await?;
             Ok::<_, redis::RedisError>((values, at))
@@ -677,7 +763,10 @@ async fn split_by_slot(
     });
     let mut out = vec![Value::Nil; total];
     for result in futures_util::future::join_all(runs).await {
-        let (values, at) = result?;
+        let (mut values, at) = result?;
+        if wait.is_some() {
+            acks.extend(values.pop());
+        }
         if values.len() != at.len() {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Client,
@@ -688,10 +777,61 @@ async fn split_by_slot(
             out[i] = value;
         }
     }
+    no_errors_unless(keep_errors, out).map(|v| (v, acks))
+}
+
+/// `values`, or the first server error among them unless `keep_errors`.
+fn no_errors_unless(keep_errors: bool, values: Vec<Value>) -> redis::RedisResult<Vec<Value>> {
     if !keep_errors
-        && let Some(Value::ServerError(e)) = out.iter().find(|v| matches!(v, Value::ServerError(_)))
+        && let Some(Value::ServerError(e)) =
+            values.iter().find(|v| matches!(v, Value::ServerError(_)))
     {
         return Err(e.clone().into());
     }
-    Ok(out)
+    Ok(values)
+}
+
+/// Checks a `WAIT` reply against the replicas wanted.
+fn check_acks(op: &'static str, reply: Option<Value>, wanted: u32) -> Result<()> {
+    match reply {
+        Some(Value::Int(acked)) if acked >= i64::from(wanted) => Ok(()),
+        Some(Value::Int(acked)) => Err(Error::NotReplicated {
+            op,
+            acked: u32::try_from(acked).unwrap_or(0),
+            wanted,
+        }),
+        Some(Value::ServerError(e)) => Err(Error::redis(op, e.into())),
+        _ => Err(Error::redis(
+            op,
+            redis::RedisError::from((redis::ErrorKind::Client, "no WAIT reply")),
+        )),
+    }
+}
+
+/// A write script's call, kept as bytes so it can run as `EVALSHA` inside a pipeline
+/// followed by `WAIT` ([`Connection::invoke_write`]).
+pub(crate) struct ScriptCall {
+    script: &'static redis::Script,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl ScriptCall {
+    pub(crate) fn new(script: &'static redis::Script) -> Self {
+        ScriptCall {
+            script,
+            keys: Vec::with_capacity(2),
+            args: Vec::with_capacity(6),
+        }
+    }
+
+    pub(crate) fn key(mut self, key: impl redis::ToRedisArgs) -> Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+
+    pub(crate) fn arg(mut self, arg: impl redis::ToRedisArgs) -> Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
 }

@@ -86,17 +86,25 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether Redis is unreachable or too slow (timeouts, refused or dropped connections):
-    /// the caller should fall back (to L1, stale data, or the loader) rather than fail.
+    /// Whether Redis is unreachable or too slow (timeouts, refused or dropped connections, a
+    /// cluster failing over): the caller should fall back (to L1, stale data, or the loader)
+    /// rather than fail. [`Error::NotReplicated`] is not: Redis answered, and reads still work.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Timeout { .. } | Error::NotReplicated { .. } => true,
+            Error::Timeout { .. } => true,
             Error::Redis { source, .. } => {
                 source.is_timeout()
                     || source.is_io_error()
                     || source.is_connection_dropped()
                     || source.is_connection_refusal()
                     || source.is_unrecoverable_error()
+                    // A cluster mid-failover or a node still loading its data.
+                    || source.code().is_some_and(|code| {
+                        matches!(
+                            code,
+                            "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "LOADING"
+                        )
+                    })
             }
             _ => false,
         }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::connection::ScriptCall;
 use crate::envelope::{Codec, EntryMeta};
 use crate::error::Result;
 use crate::keys::{Key, KeySpace};
@@ -226,9 +227,9 @@ impl RedisStore {
         let ms = ttl_ms(ttl)?;
         let v: u64 = self.note(
             self.connection()
-                .invoke(
+                .invoke_write(
                     "complete lock",
-                    COMPLETE
+                    &ScriptCall::new(&COMPLETE)
                         .key(&*lock.lock_key)
                         .key(&lock.data_key)
                         .arg(&*lock.token)
@@ -238,13 +239,6 @@ impl RedisStore {
                 )
                 .await,
         )?;
-        if v > 0 {
-            self.note(
-                self.connection()
-                    .replicated("complete lock", &[&lock.data_key])
-                    .await,
-            )?;
-        }
         Ok((v > 0).then_some(v))
     }
 
@@ -275,11 +269,22 @@ impl RedisStore {
                 .arg("PX")
                 .arg(ms);
         }
-        let replies: Vec<Option<String>> = self.note(
+        let replies: Vec<Option<String>> = match self.note(
             self.connection()
-                .query_pipe("lock many", &pipe, false)
+                .query_pipe("lock many", &pipe, false, false)
                 .await,
-        )?;
+        ) {
+            Ok(replies) => replies,
+            Err(e) => {
+                // On a cluster some slots' parts may have taken their locks before another
+                // part failed: release ours (the release compares the token, so locks others
+                // hold are untouched), best effort, rather than leave waiters to their TTL.
+                if self.connection().is_cluster() {
+                    let _ = self.unlock_many(&locks).await;
+                }
+                return Err(e);
+            }
+        };
         Ok(locks
             .into_iter()
             .zip(replies)
@@ -316,22 +321,9 @@ impl RedisStore {
         }
         let replies: Vec<u64> = self.note(
             self.connection()
-                .query_pipe("complete locks", &pipe, false)
+                .query_pipe("complete locks", &pipe, false, true)
                 .await,
         )?;
-        let written: Vec<&Key> = items
-            .iter()
-            .zip(&replies)
-            .filter(|(_, v)| **v > 0)
-            .map(|((lock, _), _)| &lock.data_key)
-            .collect();
-        if !written.is_empty() {
-            self.note(
-                self.connection()
-                    .replicated("complete locks", &written)
-                    .await,
-            )?;
-        }
         Ok(replies.into_iter().map(|v| (v > 0).then_some(v)).collect())
     }
 
@@ -356,7 +348,7 @@ impl RedisStore {
         }
         self.note(
             self.connection()
-                .query_pipe("unlock many", &pipe, false)
+                .query_pipe("unlock many", &pipe, false, false)
                 .await,
         )
     }
@@ -396,9 +388,9 @@ impl RedisStore {
         let ms = ttl_ms(meta.stale_for)?;
         let n: i64 = self.note(
             self.connection()
-                .invoke(
+                .invoke_write(
                     "set if locked",
-                    SET_IF_LOCKED
+                    &ScriptCall::new(&SET_IF_LOCKED)
                         .key(&*lock.lock_key)
                         .key(&lock.data_key)
                         .arg(&*lock.token)
@@ -407,13 +399,6 @@ impl RedisStore {
                 )
                 .await,
         )?;
-        if n == 1 {
-            self.note(
-                self.connection()
-                    .replicated("set if locked", &[&lock.data_key])
-                    .await,
-            )?;
-        }
         Ok(n == 1)
     }
 }

@@ -1,5 +1,6 @@
 //! [`RedisStore`]: typed get / set / delete / batch operations on one [`Connection`].
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -8,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, ScriptCall};
 use crate::envelope::{Codec, EntryMeta, FLAG_TOMBSTONE, TOMBSTONE, decode_header};
 use crate::error::{DecodeError, Error, Result};
 use crate::keys::{Key, KeySpace};
@@ -313,7 +314,7 @@ impl RedisStore {
             pipe.cmd("PTTL").arg(key);
         }
         let values: Vec<redis::Value> =
-            self.note(self.conn.query_pipe("get", &pipe, true).await)?;
+            self.note(self.conn.query_pipe("get", &pipe, true, false).await)?;
         if values.len() != keys.len() * 2 {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             return Err(Error::redis(
@@ -431,10 +432,9 @@ impl RedisStore {
     /// [`Error::InvalidTtl`] under 1 ms, or [`Error::Timeout`] / [`Error::Redis`].
     pub async fn set_bytes(&self, key: &Key, bytes: &[u8], ttl: Duration) -> Result<()> {
         let ms = ttl_ms(ttl)?;
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(bytes).arg("PX").arg(ms);
-        self.note(self.conn.query::<()>("set", &cmd).await)?;
-        self.note(self.conn.replicated("set", &[key]).await)
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(key).arg(bytes).arg("PX").arg(ms);
+        self.note(self.conn.query_pipe::<()>("set", &pipe, false, true).await)
     }
 
     /// Writes many values in one round trip (a pipeline of `SET … PX`), all with `meta`.
@@ -460,12 +460,13 @@ impl RedisStore {
                 .arg(key)
                 .arg(buf.as_slice())
                 .arg("PX")
-                .arg(ms)
-                .ignore();
+                .arg(ms);
         }
-        self.note(self.conn.query_pipe::<()>("set_many", &pipe, false).await)?;
-        let keys: Vec<&Key> = items.iter().map(|(k, _)| k).collect();
-        self.note(self.conn.replicated("set_many", &keys).await)
+        self.note(
+            self.conn
+                .query_pipe::<()>("set_many", &pipe, false, true)
+                .await,
+        )
     }
 
     /// Writes encoded `bytes` at `key` for `ttl` as the newest value, in one Lua script: stamps
@@ -484,11 +485,11 @@ impl RedisStore {
     ) -> Result<u64> {
         let ms = ttl_ms(ttl)?;
         let (channel, message) = announce.map_or(("", &[][..]), |a| (a.channel, a.message));
-        let version = self.note(
+        self.note(
             self.conn
-                .invoke(
+                .invoke_write(
                     "overwrite",
-                    OVERWRITE
+                    &ScriptCall::new(&OVERWRITE)
                         .key(key)
                         .key(key.lock_key())
                         .arg(bytes)
@@ -498,9 +499,7 @@ impl RedisStore {
                         .arg(message),
                 )
                 .await,
-        )?;
-        self.note(self.conn.replicated("overwrite", &[key]).await)?;
-        Ok(version)
+        )
     }
 
     /// Deletes the value at `key`, in one Lua script: leaves a tombstone (it reads as a miss)
@@ -520,9 +519,9 @@ impl RedisStore {
         let (channel, message) = announce.map_or(("", &[][..]), |a| (a.channel, a.message));
         let (existed, version): (i64, u64) = self.note(
             self.conn
-                .invoke(
+                .invoke_write(
                     "remove",
-                    REMOVE
+                    &ScriptCall::new(&REMOVE)
                         .key(key)
                         .key(key.lock_key())
                         .arg(&TOMBSTONE[..])
@@ -533,7 +532,6 @@ impl RedisStore {
                 )
                 .await,
         )?;
-        self.note(self.conn.replicated("remove", &[key]).await)?;
         Ok(Removal {
             existed: existed == 1,
             version,
@@ -556,10 +554,9 @@ impl RedisStore {
     /// # Errors
     /// [`Error::Timeout`] or [`Error::Redis`].
     pub async fn delete(&self, key: &Key) -> Result<bool> {
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(key);
-        let n: i64 = self.note(self.conn.query("delete", &cmd).await)?;
-        self.note(self.conn.replicated("delete", &[key]).await)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(key);
+        let (n,): (i64,) = self.note(self.conn.query_pipe("delete", &pipe, false, true).await)?;
         Ok(n > 0)
     }
 
@@ -598,13 +595,25 @@ impl RedisStore {
                 None => self.note(self.conn.query("clear (scan)", &scan).await)?,
             };
             if !keys.is_empty() && node.is_some() {
-                // The keys of one node span many slots: one UNLINK each, split by slot.
-                let mut unlink = redis::pipe();
+                // The keys of one node span many slots: one UNLINK per slot.
+                let mut by_slot: HashMap<redis::cluster_routing::Route, Vec<&[u8]>> =
+                    HashMap::new();
                 for key in &keys {
-                    unlink.cmd("UNLINK").arg(key);
+                    let route = redis::cluster_routing::Route::with_key(
+                        key,
+                        redis::cluster_routing::SlotAddr::Master,
+                    );
+                    by_slot.entry(route).or_default().push(key);
                 }
-                let counts: Vec<u64> =
-                    self.note(self.conn.query_pipe("clear (unlink)", &unlink, false).await)?;
+                let mut unlink = redis::pipe();
+                for slot_keys in by_slot.values() {
+                    unlink.cmd("UNLINK").arg(slot_keys);
+                }
+                let counts: Vec<u64> = self.note(
+                    self.conn
+                        .query_pipe("clear (unlink)", &unlink, false, false)
+                        .await,
+                )?;
                 deleted += counts.iter().sum::<u64>();
             } else if !keys.is_empty() {
                 let mut unlink = redis::cmd("UNLINK");

@@ -73,6 +73,17 @@ impl Handlers {
     }
 }
 
+impl Handlers {
+    /// Tells `channel`'s handlers it is subscribed (for confirmations that arrived while
+    /// their connection was not yet the active one).
+    fn subscribed(&self, channel: &str) {
+        let by_channel = self.by_channel.read().unwrap_or_else(|p| p.into_inner());
+        for handler in by_channel.get(channel).into_iter().flatten() {
+            handler(&Event::Subscribed { channel });
+        }
+    }
+}
+
 fn bytes(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
@@ -105,8 +116,23 @@ pub struct Subscriber {
 struct Inner {
     /// The connection in use; replaced when a cluster subscriber moves to another node.
     current: RwLock<ConnectionManager>,
-    /// Which connection is current: pushes from an older one are ignored.
-    generation: Arc<AtomicU64>,
+    /// The node it is on (`host:port`), for trying it last when moving.
+    node: RwLock<String>,
+    /// The cluster's nodes as last seen (`CLUSTER SLOTS`), for when asking fails mid-failover.
+    known: RwLock<Vec<redis::ConnectionInfo>>,
+    /// Which connection's pushes reach the handlers: only the current one's. A candidate
+    /// being set up, or a connection moved away from (which may reconnect by itself), is
+    /// ignored.
+    active: Arc<AtomicU64>,
+    /// The last connection number handed out.
+    numbers: AtomicU64,
+    /// Held while moving, and while `listen` subscribes: a channel added meanwhile is never
+    /// left on a connection being replaced.
+    switching: tokio::sync::Mutex<()>,
+    /// Wakes the task that moves a cluster subscriber; `None` on one server.
+    wake: Option<Arc<Notify>>,
+    /// Heartbeats failed in a row (a hung node sends no disconnect: two failures move).
+    beat_failures: AtomicU64,
     handlers: Arc<Handlers>,
     timeout: std::time::Duration,
     conn: Connection,
@@ -127,6 +153,7 @@ impl fmt::Debug for Subscriber {
         f.debug_struct("Subscriber")
             .field("channels", &channels)
             .field("cluster", &self.inner.conn.is_cluster())
+            .field("moves", &self.moves())
             .finish_non_exhaustive()
     }
 }
@@ -154,13 +181,13 @@ fn node_name(info: &redis::ConnectionInfo) -> String {
     }
 }
 
-/// Opens a RESP3 connection manager to `info` whose pushes reach `handlers` while
-/// `generation` is still `mine`.
+/// Opens a RESP3 connection manager to `info` whose pushes reach `handlers` while `active`
+/// is `mine`; a disconnect of the active connection wakes `rotate`.
 async fn open(
     conn: &Connection,
     info: redis::ConnectionInfo,
     handlers: &Arc<Handlers>,
-    generation: &Arc<AtomicU64>,
+    active: &Arc<AtomicU64>,
     mine: u64,
     rotate: Option<Arc<Notify>>,
 ) -> Result<ConnectionManager> {
@@ -171,10 +198,10 @@ async fn open(
         .set_protocol(ProtocolVersion::RESP3);
     let client = settings.client(info.set_redis_settings(redis_settings))?;
     let weak: Weak<Handlers> = Arc::downgrade(handlers);
-    let current = Arc::clone(generation);
+    let active = Arc::clone(active);
     let config = ConnectionManagerConfig::new()
         .set_push_sender(move |push: PushInfo| {
-            if current.load(Ordering::Acquire) != mine {
+            if active.load(Ordering::Acquire) != mine {
                 return Ok::<(), redis::aio::SendError>(());
             }
             if let Some(handlers) = weak.upgrade() {
@@ -206,15 +233,15 @@ async fn open(
         .map_err(|e| Error::connect(e, tls))
 }
 
-/// Moves a cluster subscriber to another node each time its connection drops. Ends when the
-/// subscriber is dropped.
+/// Moves a cluster subscriber to another node each time its connection drops or stops
+/// answering. Ends when the subscriber is dropped.
 async fn rotate(inner: Weak<Inner>, wake: Arc<Notify>) {
     let mut delay = std::time::Duration::from_millis(50);
     loop {
         wake.notified().await;
         loop {
             let Some(me) = inner.upgrade() else { return };
-            match me.move_on(&wake).await {
+            match me.move_on().await {
                 Ok(()) => {
                     delay = std::time::Duration::from_millis(50);
                     break;
@@ -239,106 +266,152 @@ impl Inner {
             .clone()
     }
 
-    /// Connects to the next node that answers and subscribes every channel there.
-    async fn move_on(&self, wake: &Arc<Notify>) -> Result<()> {
-        let settings = &self.conn.settings;
-        let seed = &settings.nodes[0];
-        let mut candidates: Vec<redis::ConnectionInfo> = match self.conn.cluster_nodes().await {
-            Ok(nodes) if !nodes.is_empty() => nodes
-                .iter()
-                .map(|(host, port, _)| at_node(seed, host, *port))
-                .collect(),
-            _ => Vec::new(),
-        };
-        candidates.extend(settings.nodes.iter().cloned());
-        // Start after the node just lost, so a dead node is tried last.
-        let offset = (self.moves.load(Ordering::Relaxed) as usize + 1) % candidates.len().max(1);
-        candidates.rotate_left(offset);
-        let channels: Vec<String> = self
-            .handlers
+    fn channels(&self) -> Vec<String> {
+        self.handlers
             .by_channel
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Opens a connection to `info` (not yet active) and subscribes `channels` on it.
+    async fn connect_to(
+        &self,
+        info: redis::ConnectionInfo,
+        channels: &[String],
+    ) -> Result<(ConnectionManager, u64)> {
+        let mine = self.numbers.fetch_add(1, Ordering::Relaxed) + 1;
+        let manager = open(
+            &self.conn,
+            info,
+            &self.handlers,
+            &self.active,
+            mine,
+            self.wake.clone(),
+        )
+        .await?;
+        for channel in channels {
+            let mut m = manager.clone();
+            match tokio::time::timeout(self.timeout * 4, m.subscribe(channel)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Error::redis("subscribe", e)),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        op: "subscribe",
+                        after: self.timeout * 4,
+                    });
+                }
+            }
+        }
+        Ok((manager, mine))
+    }
+
+    /// Connects to the next node that answers and subscribes every channel there; only then
+    /// does the new connection become the active one (so while no node answers, the old
+    /// connection keeps listening should its node come back).
+    async fn move_on(&self) -> Result<()> {
+        let _switching = self.switching.lock().await;
+        let settings = &self.conn.settings;
+        let seed = &settings.nodes[0];
+        let mut candidates: Vec<redis::ConnectionInfo> = match self.conn.cluster_nodes().await {
+            Ok(nodes) if !nodes.is_empty() => {
+                let nodes: Vec<redis::ConnectionInfo> = nodes
+                    .iter()
+                    .map(|(host, port, _)| at_node(seed, host, *port))
+                    .collect();
+                *self.known.write().unwrap_or_else(|p| p.into_inner()) = nodes.clone();
+                nodes
+            }
+            // Asked a node that is down or hung: the nodes seen last time.
+            _ => self.known.read().unwrap_or_else(|p| p.into_inner()).clone(),
+        };
+        candidates.extend(settings.nodes.iter().cloned());
+        // The node just lost goes last (it may be the only one left).
+        let lost = self.node.read().unwrap_or_else(|p| p.into_inner()).clone();
+        candidates.sort_by_key(|c| node_name(c) == lost);
+        let channels = self.channels();
         let mut last = Error::Config("no cluster node to subscribe on".into());
         for info in candidates {
             let name = node_name(&info);
-            let mine = self.generation.load(Ordering::Acquire) + 1;
-            // Pushes of the new connection count from now; the old one's are ignored.
-            self.generation.store(mine, Ordering::Release);
-            let manager = match open(
-                &self.conn,
-                info,
-                &self.handlers,
-                &self.generation,
-                mine,
-                Some(Arc::clone(wake)),
-            )
-            .await
-            {
-                Ok(m) => m,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            let mut subscribed = true;
-            for channel in &channels {
-                let mut m = manager.clone();
-                match tokio::time::timeout(self.timeout * 4, m.subscribe(channel)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        last = Error::redis("subscribe", e);
-                        subscribed = false;
-                        break;
+            match self.connect_to(info, &channels).await {
+                Ok((manager, mine)) => {
+                    *self.current.write().unwrap_or_else(|p| p.into_inner()) = manager;
+                    *self.node.write().unwrap_or_else(|p| p.into_inner()) = name.clone();
+                    self.active.store(mine, Ordering::Release);
+                    self.moves.fetch_add(1, Ordering::Relaxed);
+                    self.beat_failures.store(0, Ordering::Relaxed);
+                    // Its confirmations came while it was not yet active: report them now.
+                    for channel in &channels {
+                        self.handlers.subscribed(channel);
                     }
-                    Err(_) => {
-                        last = Error::Timeout {
-                            op: "subscribe",
-                            after: self.timeout * 4,
-                        };
-                        subscribed = false;
-                        break;
-                    }
+                    tracing::info!(target: "l2", node = %name, "subscriber moved to another cluster node");
+                    return Ok(());
                 }
+                Err(e) => last = e,
             }
-            if !subscribed {
-                continue;
-            }
-            *self.current.write().unwrap_or_else(|p| p.into_inner()) = manager;
-            self.moves.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(target: "l2", node = %name, "subscriber moved to another cluster node");
-            return Ok(());
         }
         Err(last)
+    }
+
+    /// Counts a heartbeat's outcome; on a cluster, two failures in a row move the subscriber
+    /// (a hung or cut-off node sends no disconnect).
+    fn beat(&self, ok: bool) {
+        if ok {
+            self.beat_failures.store(0, Ordering::Relaxed);
+        } else if self.beat_failures.fetch_add(1, Ordering::Relaxed) + 1 >= 2
+            && let Some(wake) = &self.wake
+        {
+            self.beat_failures.store(0, Ordering::Relaxed);
+            wake.notify_one();
+        }
     }
 }
 
 impl Subscriber {
-    /// Opens a subscriber connection to the server of `conn` (on a cluster: its first seed
-    /// node), with its timeouts and credentials.
+    /// Opens a subscriber connection to the server of `conn` (on a cluster: the first of its
+    /// seed nodes that answers), with its timeouts and credentials.
     ///
     /// # Errors
     /// [`Error::Timeout`] or [`Error::Redis`] when Redis cannot be reached, or does not speak
     /// RESP3 (Redis 6 or later is needed); [`Error::Tls`] when TLS fails.
     pub async fn connect(conn: &Connection) -> Result<Subscriber> {
-        let handlers = Arc::new(Handlers::default());
-        let generation = Arc::new(AtomicU64::new(0));
         let wake = conn.is_cluster().then(|| Arc::new(Notify::new()));
-        let manager = open(
-            conn,
-            conn.settings.nodes[0].clone(),
-            &handlers,
-            &generation,
-            0,
-            wake.clone(),
-        )
-        .await?;
+        let handlers = Arc::new(Handlers::default());
+        let active = Arc::new(AtomicU64::new(1));
+        let mut last = Error::Config("no Redis node given".into());
+        let mut opened = None;
+        // One server: its URL. A cluster: the first seed that answers.
+        for info in &conn.settings.nodes {
+            match open(conn, info.clone(), &handlers, &active, 1, wake.clone()).await {
+                Ok(manager) => {
+                    opened = Some((manager, node_name(info)));
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let Some((manager, node)) = opened else {
+            return Err(last);
+        };
+        let seed = &conn.settings.nodes[0];
+        let known = match conn.cluster_nodes().await {
+            Ok(nodes) => nodes
+                .iter()
+                .map(|(host, port, _)| at_node(seed, host, *port))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         let inner = Arc::new(Inner {
             current: RwLock::new(manager),
-            generation,
+            node: RwLock::new(node),
+            known: RwLock::new(known),
+            active,
+            numbers: AtomicU64::new(1),
+            switching: tokio::sync::Mutex::new(()),
+            wake: wake.clone(),
+            beat_failures: AtomicU64::new(0),
             handlers,
             timeout: conn.timeout(),
             conn: conn.clone(),
@@ -382,6 +455,12 @@ impl Subscriber {
     /// # Errors
     /// [`Error::Timeout`] or [`Error::Redis`].
     pub async fn run_id(&self, timeout: std::time::Duration) -> Result<String> {
+        let id = self.identify(timeout).await;
+        self.inner.beat(id.is_ok());
+        id
+    }
+
+    async fn identify(&self, timeout: std::time::Duration) -> Result<String> {
         let server = self.server_id(timeout).await?;
         if !self.inner.conn.is_cluster() {
             return Ok(server);
@@ -475,6 +554,9 @@ impl Subscriber {
         if !first {
             return Ok(());
         }
+        // Not while the subscriber moves: the channel must end up on the connection that
+        // stays (a move that starts after this sees it among the handlers).
+        let _switching = self.inner.switching.lock().await;
         let mut manager = self.inner.manager();
         let result =
             match tokio::time::timeout(self.inner.timeout * 4, manager.subscribe(channel)).await {

@@ -218,6 +218,67 @@ async fn every_l2_operation_works_on_a_cluster() {
         log[disconnected..].iter().any(|e| e == "<subscribed>"),
         "a resubscription follows the disconnect: {log:?}"
     );
+
+    // A dead first seed: the connection and the subscriber use the next one.
+    let seeds = vec![cluster.nodes()[0].url(), cluster.nodes()[1].url()];
+    let conn = Connection::cluster(seeds)
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .expect("the second seed answers");
+    let second = Subscriber::connect(&conn)
+        .await
+        .expect("subscribes on the second seed");
+    let heard: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = Arc::clone(&heard);
+    second
+        .listen("l2c:chan", move |e| {
+            if let Event::Message { payload, .. } = e {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(payload).into_owned());
+            }
+        })
+        .await
+        .unwrap();
+    store.publish("l2c:chan", b"via-second").await.unwrap();
+    wait_for(&heard, "via-second", Duration::from_secs(2)).await;
+
+    // A hung node (SIGSTOP) sends no disconnect: two failed heartbeats move the subscriber.
+    cluster.nodes_mut()[1].pause();
+    let started = Instant::now();
+    for _ in 0..2 {
+        assert!(second.run_id(Duration::from_millis(200)).await.is_err());
+    }
+    while second.moves() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "never moved");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "subscriber left a hung node {:?} after its first failed heartbeat",
+        started.elapsed()
+    );
+    let mut n = 0;
+    loop {
+        n += 1;
+        let text = format!("after-pause-{n}");
+        let _ = store.publish("l2c:chan", text.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if heard.lock().unwrap().contains(&text) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never heard after the pause"
+        );
+    }
+    // Publishes through the cluster connection may time out on the hung node meanwhile.
+    println!(
+        "and heard again after {:?} ({n} publishes)",
+        started.elapsed()
+    );
+    assert_eq!(second.moves(), 1);
+    cluster.nodes_mut()[1].resume();
 }
 
 async fn wait_for(seen: &Arc<Mutex<Vec<String>>>, what: &str, within: Duration) {

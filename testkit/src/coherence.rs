@@ -29,7 +29,9 @@ pub enum OpKind {
     },
     /// A write (`Some(value)`) or delete (`None`) that returned an error: it may or may not
     /// have taken effect (a timeout during a failover, say). A read of its value, or a read of
-    /// nothing after it started, is counted as uncertain rather than judged.
+    /// nothing after it started, is counted as uncertain rather than judged — until a
+    /// successful change that started after it returned is more than Δ old; then such a read
+    /// is a violation like any other.
     Failed {
         /// The value it tried to write; `None` for a delete.
         value: Option<String>,
@@ -170,8 +172,9 @@ pub fn check(ops: &[Op], delta: Duration) -> Report {
     // Per key: changes (version, start, end, is_delete), and the version of each value.
     let mut changes: HashMap<&str, Vec<(u64, u64, u64, bool)>> = HashMap::new();
     let mut version_of: HashMap<&str, u64> = HashMap::new();
-    let mut failed_values: std::collections::HashSet<&str> = Default::default();
-    let mut failed_deletes: HashMap<&str, Vec<u64>> = HashMap::new();
+    // Failed writes by value, failed deletes by key: (start, end) of each.
+    let mut failed_values: HashMap<&str, (u64, u64)> = HashMap::new();
+    let mut failed_deletes: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
     for op in ops {
         match &op.kind {
             OpKind::Write { value, version } => {
@@ -193,9 +196,12 @@ pub fn check(ops: &[Op], delta: Duration) -> Report {
                 report.failed += 1;
                 match value {
                     Some(v) => {
-                        failed_values.insert(v);
+                        failed_values.insert(v, (op.start_us, op.end_us));
                     }
-                    None => failed_deletes.entry(&op.key).or_default().push(op.start_us),
+                    None => failed_deletes
+                        .entry(&op.key)
+                        .or_default()
+                        .push((op.start_us, op.end_us)),
                 }
             }
             OpKind::Read { .. } => {}
@@ -208,15 +214,50 @@ pub fn check(ops: &[Op], delta: Duration) -> Report {
         report.reads += 1;
         let empty = Vec::new();
         let key_changes = changes.get(op.key.as_str()).unwrap_or(&empty);
-        let maybe_failed = match value {
-            Some(v) => failed_values.contains(v.as_str()),
-            None => failed_deletes
-                .get(op.key.as_str())
-                .is_some_and(|starts| starts.iter().any(|&s| s < op.end_us)),
+        // A failed change landed, if at all, before it returned. A successful change that
+        // started after that and was acknowledged more than Δ before this read supersedes
+        // it: the read is then judged against that change, not excused.
+        let superseded_at = |failed_end: u64| {
+            key_changes
+                .iter()
+                .filter(|c| c.1 > failed_end && c.2 + delta_us < op.start_us)
+                .map(|c| c.2)
+                .min()
         };
-        if maybe_failed {
-            report.uncertain += 1;
-            continue;
+        match value {
+            Some(v) if failed_values.contains_key(v.as_str()) => {
+                let (_, failed_end) = failed_values[v.as_str()];
+                match superseded_at(failed_end) {
+                    None => report.uncertain += 1,
+                    Some(acked) => {
+                        let lag = op.start_us - acked;
+                        report.max_lag_us = report.max_lag_us.max(lag);
+                        report.violations.push(Violation {
+                            read: op.clone(),
+                            saw: 0,
+                            newest: key_changes
+                                .iter()
+                                .filter(|c| c.2 + delta_us < op.start_us)
+                                .map(|c| c.0)
+                                .max()
+                                .unwrap_or(0),
+                            lag_us: lag,
+                        });
+                    }
+                }
+                continue;
+            }
+            None => {
+                let excused = failed_deletes.get(op.key.as_str()).is_some_and(|list| {
+                    list.iter()
+                        .any(|&(start, end)| start < op.end_us && superseded_at(end).is_none())
+                });
+                if excused {
+                    report.uncertain += 1;
+                    continue;
+                }
+            }
+            Some(_) => {}
         }
         // The version this read stands for.
         let saw = match value {
@@ -406,12 +447,34 @@ mod tests {
         assert_eq!(report.uncertain, 2);
         assert!(report.violations.is_empty());
         assert_eq!(report.unknown_values, 0);
+        // Once a later successful write is more than Δ old, the failed value is no excuse.
+        let mut later = ops.clone();
+        later.push(op(
+            0,
+            3_000_000,
+            3_000_010,
+            OpKind::Write {
+                value: "d".into(),
+                version: 4,
+            },
+        ));
+        later.push(op(
+            1,
+            5_000_000,
+            5_000_010,
+            OpKind::Read {
+                value: Some("b".into()),
+            },
+        ));
+        later.push(op(1, 5_000_100, 5_000_110, OpKind::Read { value: None }));
+        let report = check(&later, Duration::from_millis(500));
+        assert_eq!(report.violations.len(), 2, "{report}");
         // A failed change does not hide a real violation of another value.
         let mut ops = ops;
         ops.push(op(
             0,
-            60,
-            70,
+            2_500_000,
+            2_500_010,
             OpKind::Write {
                 value: "c".into(),
                 version: 3,
@@ -419,8 +482,8 @@ mod tests {
         ));
         ops.push(op(
             1,
-            3_000_000,
-            3_000_010,
+            3_000_100,
+            3_000_110,
             OpKind::Read {
                 value: Some("a".into()),
             },

@@ -27,7 +27,7 @@ use crate::{TieredCacheBuilder, builder::DEFAULT_TTL};
 /// }"#).unwrap();
 /// assert_eq!(config.ttl, Some(std::time::Duration::from_secs(300)));
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct CacheConfig {
@@ -100,6 +100,57 @@ pub struct CacheConfig {
     /// Default options: [`EntryOptions::negative_ttl`].
     #[serde(deserialize_with = "duration")]
     pub negative_ttl: Option<Duration>,
+}
+
+impl fmt::Debug for CacheConfig {
+    /// Every field, with the Redis URLs' passwords (and user names) hidden.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheConfig")
+            .field("namespace", &self.namespace)
+            .field("redis_url", &redact(&self.redis_url))
+            .field(
+                "redis_cluster",
+                &self
+                    .redis_cluster
+                    .as_deref()
+                    .map(|seeds| seeds.split(',').map(redact).collect::<Vec<_>>()),
+            )
+            .field("redis_ca_file", &self.redis_ca_file)
+            .field("schema_version", &self.schema_version)
+            .field("l1_max_bytes", &self.l1_max_bytes)
+            .field("l1_max_entries", &self.l1_max_entries)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .field("l2_timeout", &self.l2_timeout)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("max_load_time", &self.max_load_time)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("heartbeat", &self.heartbeat)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("hit_ratio_floor", &self.hit_ratio_floor)
+            .field("trace_keys", &self.trace_keys)
+            .field("ttl", &self.ttl)
+            .field("l1_ttl", &self.l1_ttl)
+            .field("stale_while_revalidate", &self.stale_while_revalidate)
+            .field("fail_safe", &self.fail_safe)
+            .field("fail_safe_throttle", &self.fail_safe_throttle)
+            .field("soft_timeout", &self.soft_timeout)
+            .field("hard_timeout", &self.hard_timeout)
+            .field("jitter", &self.jitter)
+            .field("negative_ttl", &self.negative_ttl)
+            .finish()
+    }
+}
+
+/// A Redis URL without its credentials: `redis://***@host:port`.
+fn redact(url: &str) -> String {
+    let url = url.trim();
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Duration>, D::Error> {
@@ -379,5 +430,21 @@ mod tests {
             .soft_timeout(Duration::from_millis(100));
         assert_eq!(c.options(), expected);
         assert!(c.builder::<String>().is_ok());
+    }
+
+    #[test]
+    fn debug_output_hides_redis_passwords() {
+        let config: CacheConfig = serde_json::from_str(
+            r#"{"namespace": "users", "redis_url": "redis://app:pw-in-url@10.0.0.1:6379",
+                "redis_cluster": "rediss://app:pw2@a:1, rediss://b:2"}"#,
+        )
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("pw-in-url") && !shown.contains("pw2"),
+            "{shown}"
+        );
+        assert!(shown.contains("redis://***@10.0.0.1:6379"), "{shown}");
+        assert!(shown.contains("rediss://b:2"), "{shown}");
     }
 }
