@@ -664,7 +664,7 @@ impl Connection {
 }
 
 /// `fut`, bounded by `timeout`, its errors typed.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     op: &'static str,
     timeout: Duration,
     fut: impl Future<Output = redis::RedisResult<T>>,

@@ -521,12 +521,7 @@ impl Subscriber {
         timeout: std::time::Duration,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if e.is_timeout() => Err(Error::Timeout { op, after: timeout }),
-            Ok(Err(e)) => Err(Error::redis(op, e)),
-            Err(_) => Err(Error::Timeout { op, after: timeout }),
-        }
+        crate::connection::bounded(op, timeout, fut).await
     }
 
     /// Calls `handler` for every event on `channel`, subscribing to it if this is its first

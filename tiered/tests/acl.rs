@@ -105,18 +105,8 @@ async fn every_feature_works_for_the_least_privilege_user() {
 
     // Redis denied this user nothing but INFO (the bus's restart check, which falls back to
     // PING): the rules are complete for what the library sends.
-    let log = server.command(&["ACL", "LOG"]);
-    let denied: Vec<&str> = log
-        .lines()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|w| w[0] == "object")
-        .map(|w| w[1])
-        .collect();
-    assert!(
-        denied.iter().all(|o| *o == "info"),
-        "denied: {denied:?}\n{log}"
-    );
+    let denied = common::acl_denials(&server);
+    assert!(denied.iter().all(|o| o == "info"), "denied: {denied:?}");
     assert_eq!(a.stats().gaps, 0, "no heartbeat gap from the refused INFO");
 }
 

@@ -56,16 +56,9 @@ async fn on_a_cluster_with_a_least_privilege_user() {
         .collect();
     run_all(&Target::cluster(urls)).await;
     for node in cluster.nodes() {
-        let log = node.command(&["ACL", "LOG"]);
-        let denied: Vec<&str> = log
-            .lines()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0] == "object")
-            .map(|w| w[1])
-            .collect();
+        let denied = common::acl_denials(node);
         assert!(
-            denied.iter().all(|o| *o == "info"),
+            denied.iter().all(|o| o == "info"),
             "denied on {}: {denied:?}",
             node.port()
         );

@@ -169,3 +169,14 @@ impl Target {
         self.builder(namespace).build().await.unwrap()
     }
 }
+
+/// The objects (commands, keys, channels) Redis denied an ACL user, from `ACL LOG`.
+pub fn acl_denials(server: &RedisServer) -> Vec<String> {
+    let log = server.command(&["ACL", "LOG"]);
+    log.lines()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "object")
+        .map(|w| w[1].to_string())
+        .collect()
+}
