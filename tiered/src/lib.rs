@@ -14,6 +14,12 @@
 //! second, names starting with `tiered_`), and one `tiered` tracing span per operation at
 //! DEBUG (keys hashed unless [`TieredCacheBuilder::trace_keys`]).
 //!
+//! L2 can be one Redis ([`TieredCacheBuilder::redis_url`]) or a Redis Cluster
+//! ([`TieredCacheBuilder::redis_cluster`]), over TLS (`rediss://`,
+//! [`TieredCacheBuilder::tls_root_certificate`]) and as a least-privilege ACL user
+//! ([`l2::KeySpace::acl_rules`]); on a cluster a failover drops every node's L1, and
+//! [`TieredCacheBuilder::replica_acks`] makes writes survive it.
+//!
 //! What it is not for: a general Redis client, or a store of record: everything here may be
 //! evicted at any time and reloaded from the source.
 //!
