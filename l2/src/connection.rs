@@ -474,18 +474,18 @@ impl Connection {
         match &self.handle {
             Handle::Single(_) => {
                 let mut conn = self.handle.clone();
+                let Some((wait, _)) = wait else {
+                    let values = self
+                        .bounded(op, async move { pipe.query_async(&mut conn).await })
+                        .await?;
+                    return Ok((values, Vec::new()));
+                };
                 let mut pipe = pipe.clone();
-                if let Some((wait, _)) = wait {
-                    pipe.add_command(wait.clone());
-                }
+                pipe.add_command(wait.clone());
                 let mut values: Vec<Value> = self
                     .bounded(op, async move { pipe.query_async(&mut conn).await })
                     .await?;
-                let acks = if wait.is_some() {
-                    values.pop().into_iter().collect()
-                } else {
-                    Vec::new()
-                };
+                let acks = values.pop().into_iter().collect();
                 Ok((values, acks))
             }
             Handle::Cluster(cluster) => {
@@ -518,32 +518,22 @@ impl Connection {
         Some((wait, wanted))
     }
 
-    /// Runs a write script: `EVALSHA`, loading the script on `NOSCRIPT`. With
-    /// [`ConnectionBuilder::replica_acks`] it is followed by `WAIT` **in the same pipeline**,
-    /// so the `WAIT` covers this write on this connection — never a fresh connection that has
-    /// sent nothing (after a reconnect a separate `WAIT` would confirm a write it never saw).
+    /// Runs a write script: `EVALSHA`, loading the script on `NOSCRIPT`, in a pipeline of its
+    /// own. With [`ConnectionBuilder::replica_acks`] the pipeline ends with `WAIT`, so the
+    /// `WAIT` covers this write on this connection — never a fresh connection that has sent
+    /// nothing (after a reconnect a separate `WAIT` would confirm a write it never saw).
     pub(crate) async fn invoke_write<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
-        call: &ScriptCall,
+        call: ScriptCall,
     ) -> Result<T> {
-        if self.settings.replica_acks.is_none() {
-            let mut invocation = call.script.prepare_invoke();
-            for key in &call.keys {
-                invocation.key(key.as_slice());
-            }
-            for arg in &call.args {
-                invocation.arg(arg.as_slice());
-            }
-            return self.invoke(op, &invocation).await;
-        }
+        debug_assert_eq!(
+            call.keys_left, 0,
+            "a script call with fewer keys than declared"
+        );
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        pipe.cmd("EVALSHA")
-            .arg(call.script.get_hash())
-            .arg(call.keys.len())
-            .arg(&call.keys)
-            .arg(&call.args);
+        pipe.add_command(call.cmd);
         let wait = self.wait_cmd();
         for attempt in 0..2 {
             let (mut values, acks) = self.run_pipe(op, &pipe, true, wait.as_ref()).await?;
@@ -808,30 +798,34 @@ fn check_acks(op: &'static str, reply: Option<Value>, wanted: u32) -> Result<()>
     }
 }
 
-/// A write script's call, kept as bytes so it can run as `EVALSHA` inside a pipeline
-/// followed by `WAIT` ([`Connection::invoke_write`]).
+/// A write script's `EVALSHA` command, built once: [`ScriptCall::new`] with the number of
+/// keys, then the keys, then the arguments ([`Connection::invoke_write`]).
 pub(crate) struct ScriptCall {
     script: &'static redis::Script,
-    keys: Vec<Vec<u8>>,
-    args: Vec<Vec<u8>>,
+    cmd: redis::Cmd,
+    keys_left: usize,
 }
 
 impl ScriptCall {
-    pub(crate) fn new(script: &'static redis::Script) -> Self {
+    pub(crate) fn new(script: &'static redis::Script, keys: usize) -> Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys);
         ScriptCall {
             script,
-            keys: Vec::with_capacity(2),
-            args: Vec::with_capacity(6),
+            cmd,
+            keys_left: keys,
         }
     }
 
     pub(crate) fn key(mut self, key: impl redis::ToRedisArgs) -> Self {
-        self.keys.extend(key.to_redis_args());
+        self.keys_left -= 1;
+        self.cmd.arg(key);
         self
     }
 
     pub(crate) fn arg(mut self, arg: impl redis::ToRedisArgs) -> Self {
-        self.args.extend(arg.to_redis_args());
+        debug_assert_eq!(self.keys_left, 0, "keys go before arguments");
+        self.cmd.arg(arg);
         self
     }
 }

@@ -229,7 +229,7 @@ impl RedisStore {
             self.connection()
                 .invoke_write(
                     "complete lock",
-                    &ScriptCall::new(&COMPLETE)
+                    ScriptCall::new(&COMPLETE, 2)
                         .key(&*lock.lock_key)
                         .key(&lock.data_key)
                         .arg(&*lock.token)
@@ -390,7 +390,7 @@ impl RedisStore {
             self.connection()
                 .invoke_write(
                     "set if locked",
-                    &ScriptCall::new(&SET_IF_LOCKED)
+                    ScriptCall::new(&SET_IF_LOCKED, 2)
                         .key(&*lock.lock_key)
                         .key(&lock.data_key)
                         .arg(&*lock.token)

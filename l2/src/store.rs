@@ -489,7 +489,7 @@ impl RedisStore {
             self.conn
                 .invoke_write(
                     "overwrite",
-                    &ScriptCall::new(&OVERWRITE)
+                    ScriptCall::new(&OVERWRITE, 2)
                         .key(key)
                         .key(key.lock_key())
                         .arg(bytes)
@@ -521,7 +521,7 @@ impl RedisStore {
             self.conn
                 .invoke_write(
                     "remove",
-                    &ScriptCall::new(&REMOVE)
+                    ScriptCall::new(&REMOVE, 2)
                         .key(key)
                         .key(key.lock_key())
                         .arg(&TOMBSTONE[..])
