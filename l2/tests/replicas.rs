@@ -42,20 +42,29 @@ async fn writes_wait_for_a_replica_and_fail_typed_without_one() {
     assert!(!err.is_unavailable(), "reads still work: not an outage");
     assert_eq!(store.get(&key, &codec).await.unwrap().unwrap().value, "v1");
 
-    // A replica joins: every kind of write is confirmed, and the replica has them.
+    // A replica joins: every kind of write is confirmed, and the replica has them. Ready
+    // means it acknowledges the master's offset (`WAIT`), not only `state=online`: a replica
+    // still loading the snapshot is online to its master but answers no `GETACK` yet.
     let replica =
         RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
     let start = Instant::now();
-    while !master
-        .command(&["INFO", "replication"])
-        .contains("state=online")
-    {
+    while master.command(&["WAIT", "1", "100"]) != "1" {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "the replica never synced"
+            "the replica never acknowledged: {}",
+            master.command(&["INFO", "replication"])
         );
-        std::thread::sleep(Duration::from_millis(10));
     }
+    // The confirming half waits long enough for a loaded two-core machine: the 50 ms above
+    // was only there to fail fast.
+    let store = RedisStore::new(
+        Connection::builder(master.url())
+            .timeout(Duration::from_secs(3))
+            .replica_acks(1, Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap(),
+    );
     let bytes = codec.encode(&"v2".to_string(), &meta).unwrap();
     store
         .overwrite(&key, &bytes, Duration::from_secs(60), None)

@@ -232,9 +232,12 @@ impl RedisCluster {
                 replication.contains("master_link_status:up")
                     && replication.contains("master_sync_in_progress:0")
             } else {
-                // A master's replicas are past their initial sync (`state=online`).
+                // A master's replicas are past their initial sync and acknowledge its
+                // writes: `WAIT` counts them all (a replica still loading the snapshot is
+                // `online` to its master but does not answer `REPLCONF GETACK` yet).
                 !replication.contains("state=wait_bgsave")
                     && !replication.contains("state=send_bulk")
+                    && replicas_ack(node.addr(), &replication)
             }
         })
     }
@@ -259,6 +262,21 @@ impl RedisCluster {
 }
 
 /// Parses `CLUSTER NODES` output.
+/// Whether every replica a master lists (`connected_slaves:N` in `INFO replication`)
+/// acknowledges its replication offset within 100 ms (`WAIT N 100`).
+fn replicas_ack(addr: SocketAddr, replication: &str) -> bool {
+    let replicas: usize = replication
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_slaves:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    replicas == 0
+        || command_at(addr, &["WAIT", &replicas.to_string(), "100"])
+            .trim()
+            .parse::<usize>()
+            .is_ok_and(|acked| acked >= replicas)
+}
+
 fn parse_nodes(text: &str) -> Vec<NodeInfo> {
     text.lines()
         .filter_map(|line| {
