@@ -492,32 +492,41 @@ async fn single_gets_join_a_batch_load_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l1_time_to_live_bounds_how_long_a_node_trusts_its_copy() {
     let server = RedisServer::start();
-    let opts =
-        EntryOptions::new(Duration::from_secs(60)).l1_time_to_live(Duration::from_millis(200));
-    let a = node_with(&server, "l1ttl", opts).await;
+    // Long enough that a loaded two-core machine stays inside it between the fill and the
+    // second read; the test's point is the expiry after it.
+    let ttl = Duration::from_secs(1);
+    let opts = EntryOptions::new(Duration::from_secs(60)).l1_time_to_live(ttl);
     let b = node_with(&server, "l1ttl", opts).await;
-    a.set("k", &"v1".to_string()).await.unwrap();
-    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
-    // A change that announces nothing (written behind the cache's back, or its message lost
-    // without a gap being noticed): b keeps v1 only until its L1 time to live.
+    // Changes that announce nothing (written behind the cache's back, or their messages lost
+    // without a gap being noticed): no invalidation can reach b and evict its copy early.
     let codec = l2::Codec::<String>::new(l2::TypeTag::from_name("l1ttl"));
-    let bytes = codec
-        .encode(
-            &"v2".to_string(),
-            &l2::EntryMeta::new(Duration::from_secs(60)),
-        )
-        .unwrap();
-    a.store()
-        .overwrite(
-            &l2::KeySpace::new("l1ttl").key("k"),
-            &bytes,
-            Duration::from_secs(60),
-            None,
-        )
-        .await
-        .unwrap();
+    let key = l2::KeySpace::new("l1ttl").key("k");
+    let write_behind = |value: &str| {
+        let bytes = codec
+            .encode(
+                &value.to_string(),
+                &l2::EntryMeta::new(Duration::from_secs(60)),
+            )
+            .unwrap();
+        let (store, key) = (b.store().clone(), key.clone());
+        async move {
+            store
+                .overwrite(&key, &bytes, Duration::from_secs(60), None)
+                .await
+                .unwrap()
+        }
+    };
+    write_behind("v1").await;
+    let filled = Instant::now();
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    write_behind("v2").await;
+    // b keeps v1 only until its L1 time to live.
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    assert!(
+        filled.elapsed() < ttl,
+        "the machine stalled past the L1 TTL"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v2"));
     let s = b.stats();
     assert_eq!((s.l1_hits, s.l2_hits), (1, 2), "{s:?}");
