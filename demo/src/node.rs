@@ -275,6 +275,8 @@ fn write_results(ctx: &Ctx, s: &Settings, outs: Vec<WorkerOut>) -> Result<(), St
         received: bus.received,
         gaps: bus.gaps,
         heartbeats_missed: bus.heartbeats_missed,
+        probes_late: bus.probes_late,
+        probe_micros: bus.probe_micros,
         lag_p50_micros: bus.lag_p50_micros,
         lag_p99_micros: bus.lag_p99_micros,
         lag_max_micros: bus.lag_max_micros,

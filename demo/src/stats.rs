@@ -184,6 +184,7 @@ pub(crate) struct CacheCounts {
     pub(crate) invalidations_received: u64,
     pub(crate) invalidations_ignored: u64,
     pub(crate) gaps: u64,
+    pub(crate) l1_unconfirmed: u64,
 }
 
 impl From<&tiered::CacheStats> for CacheCounts {
@@ -203,6 +204,7 @@ impl From<&tiered::CacheStats> for CacheCounts {
             invalidations_received: s.invalidations_received,
             invalidations_ignored: s.invalidations_ignored,
             gaps: s.gaps,
+            l1_unconfirmed: s.l1_unconfirmed,
         }
     }
 }
@@ -224,6 +226,7 @@ impl CacheCounts {
         self.invalidations_received += o.invalidations_received;
         self.invalidations_ignored += o.invalidations_ignored;
         self.gaps += o.gaps;
+        self.l1_unconfirmed += o.l1_unconfirmed;
     }
 }
 
@@ -233,6 +236,8 @@ pub(crate) struct BusCounts {
     pub(crate) received: u64,
     pub(crate) gaps: u64,
     pub(crate) heartbeats_missed: u64,
+    pub(crate) probes_late: u64,
+    pub(crate) probe_micros: u64,
     pub(crate) lag_p50_micros: u64,
     pub(crate) lag_p99_micros: u64,
     pub(crate) lag_max_micros: u64,

@@ -189,6 +189,25 @@ pub(crate) fn print(
             ),
         );
     }
+    line(
+        "lease",
+        format!(
+            "fresh L1 entries held back {} · probe rounds late {} · last round {} (slowest node)",
+            thousands(cache.l1_unconfirmed),
+            thousands(sum(|r| r.bus.probes_late)),
+            micros_as_ms(
+                reports
+                    .iter()
+                    .map(|r| r.bus.probe_micros)
+                    .max()
+                    .unwrap_or(0)
+            ),
+        ),
+    );
+    line(
+        "",
+        "L1 answers only while the bus has proven within Δ that every invalidation arrived".into(),
+    );
     let overtaken = sum(|r| r.overtaken);
     if overtaken > 0 {
         line(

@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use l2::{Connection, Subscriber};
@@ -36,22 +36,26 @@ impl Default for BusConfig {
 }
 
 impl BusConfig {
-    /// How often the subscriber connection is checked (`INFO server` on it: it must answer,
-    /// and the server's `run_id` must not change). Default: [`DEFAULT_HEARTBEAT`].
+    /// How often the subscriber is checked: `INFO server` on its connection must answer
+    /// with the same `run_id`, and a probe published through every master must come back
+    /// through pub/sub ([`Subscriber::probe`]). Beats start every P whatever the last one
+    /// took. Default: [`DEFAULT_HEARTBEAT`].
     pub fn heartbeat(mut self, period: Duration) -> Self {
         self.heartbeat = period;
         self
     }
 
-    /// How long a heartbeat may take before it counts as missed. Missing sequence numbers
-    /// are also given this long to arrive. Default: [`DEFAULT_HEARTBEAT_TIMEOUT`].
+    /// How long a heartbeat, and its probes' trip through pub/sub, may take before it
+    /// counts as missed. Missing sequence numbers are also given this long to arrive.
+    /// Default: [`DEFAULT_HEARTBEAT_TIMEOUT`].
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
         self.heartbeat_timeout = timeout;
         self
     }
 
-    /// The staleness bound this configuration gives, apart from propagation itself: a lost
-    /// message is noticed (and L1 dropped) within P + T.
+    /// The staleness bound Δ = P + T this configuration gives. Probes start every P and
+    /// normally return within T; the [`Lease`] lasts Δ from the start of the last probe round
+    /// that returned, so in steady state it never runs out.
     pub fn bound(&self) -> Duration {
         self.heartbeat + self.heartbeat_timeout
     }
@@ -123,10 +127,72 @@ pub struct Eviction {
 pub type Consumer = Arc<dyn Fn(Event) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 enum Raw {
-    Message { channel: String, payload: Vec<u8> },
+    Message {
+        channel: String,
+        payload: Vec<u8>,
+    },
     Disconnected,
     Subscribed(String),
-    Beat(Result<String, l2::Error>),
+    /// Heartbeat `n`: the subscriber's `run_id`, and its probes' trip (`None`: no channel
+    /// to probe on yet).
+    Beat {
+        n: u64,
+        run_id: Result<String, l2::Error>,
+        probe: Option<Result<Duration, l2::Error>>,
+        /// When the probe round started.
+        sent: std::time::Instant,
+    },
+}
+
+/// Whether this process has applied every invalidation published more than Δ ago: the
+/// read-side half of the staleness bound. Cheap to clone and to check (one atomic load).
+///
+/// Each probe round ([`Subscriber::probe`]) that comes back proves that every message
+/// published before it started has arrived — and the bus applies messages in order, before
+/// it takes the proof — so the lease runs until that start plus Δ ([`BusConfig::bound`]).
+/// An L1 entry served while the lease holds is at most Δ older than any change: even when
+/// the bus is slow (an overloaded server or cluster bus), and even when this process was
+/// stalled and has not yet noticed. Messages lost outright are gaps, not lease matters.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    base: std::time::Instant,
+    /// Nanoseconds after `base` until which the lease holds.
+    until: Arc<AtomicU64>,
+    bound: Duration,
+}
+
+impl Lease {
+    fn new(bound: Duration) -> Self {
+        let base = std::time::Instant::now();
+        Lease {
+            base,
+            // Nothing was cached before the bus subscribed: it starts confirmed.
+            until: Arc::new(AtomicU64::new(nanos(bound))),
+            bound,
+        }
+    }
+
+    /// Whether the lease holds at `now` (so L1 may answer).
+    #[inline]
+    pub fn holds_at(&self, now: std::time::Instant) -> bool {
+        nanos(now.saturating_duration_since(self.base)) < self.until.load(Ordering::Acquire)
+    }
+
+    /// Whether the lease holds now.
+    pub fn holds(&self) -> bool {
+        self.holds_at(std::time::Instant::now())
+    }
+
+    /// Every message published before `sent` has been applied: the lease runs until
+    /// `sent` + Δ (never backwards).
+    fn confirm(&self, sent: std::time::Instant) {
+        let until = nanos(sent.saturating_duration_since(self.base) + self.bound);
+        self.until.fetch_max(until, Ordering::AcqRel);
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Per-origin sequence tracking: numbers may arrive slightly out of order (a writer's
@@ -188,6 +254,8 @@ struct Counters {
     malformed: AtomicU64,
     gaps: AtomicU64,
     heartbeats_missed: AtomicU64,
+    probes_late: AtomicU64,
+    probe_micros: AtomicU64,
     last_message_micros: AtomicU64,
     connected: AtomicBool,
     // When the bus was last seen going down (µs since the epoch); 0 while connected.
@@ -224,6 +292,11 @@ pub struct BusStats {
     pub gaps: u64,
     /// Heartbeats not answered in time.
     pub heartbeats_missed: u64,
+    /// Probe rounds that did not come back through pub/sub within the heartbeat timeout (the
+    /// [`Lease`] was not renewed by them).
+    pub probes_late: u64,
+    /// The last probe's trip through pub/sub (publish on every master to arrival here), µs.
+    pub probe_micros: u64,
     /// Whether the last heartbeat was answered.
     pub connected: bool,
     /// Since when the bus has been down, in microseconds since the Unix epoch (0: it is up).
@@ -246,6 +319,10 @@ struct Inner {
     tx: mpsc::UnboundedSender<Raw>,
     consumers: RwLock<HashMap<String, Vec<Consumer>>>,
     counters: Counters,
+    /// This bus's own probe channel, named after the first channel listened to (so an ACL
+    /// user's channel pattern covers it).
+    probe_channel: OnceLock<String>,
+    lease: Lease,
 }
 
 /// The invalidation bus of one process: a dedicated subscriber connection (RESP3, reconnects
@@ -283,6 +360,8 @@ impl Bus {
             tx,
             consumers: RwLock::default(),
             counters: Counters::default(),
+            probe_channel: OnceLock::new(),
+            lease: Lease::new(config.bound()),
         });
         inner.counters.up();
         let (lifeline, closed) = watch::channel(());
@@ -297,6 +376,11 @@ impl Bus {
     /// The subscriber connection (to listen on other channels, such as lock notices).
     pub fn subscriber(&self) -> &Subscriber {
         &self.inner.subscriber
+    }
+
+    /// The read-side lease: while it holds, L1 is at most Δ behind every change.
+    pub fn lease(&self) -> &Lease {
+        &self.inner.lease
     }
 
     /// The configuration.
@@ -318,8 +402,8 @@ impl Bus {
             .or_default()
             .push(consumer);
         let tx = self.inner.tx.clone();
-        self.inner
-            .subscriber
+        let subscriber = &self.inner.subscriber;
+        subscriber
             .listen(channel, move |event| {
                 let raw = match event {
                     l2::Event::Message { channel, payload } => Raw::Message {
@@ -332,7 +416,12 @@ impl Bus {
                 };
                 let _ = tx.send(raw);
             })
-            .await
+            .await?;
+        let probe_channel = self
+            .inner
+            .probe_channel
+            .get_or_init(|| format!("{channel}:probe:{:016x}", fastrand::u64(..)));
+        subscriber.listen_for_probes(probe_channel).await
     }
 
     /// A publisher for `channel`, with a new random origin id.
@@ -367,6 +456,8 @@ impl Bus {
             malformed: c.malformed.load(Ordering::Relaxed),
             gaps: c.gaps.load(Ordering::Relaxed),
             heartbeats_missed: c.heartbeats_missed.load(Ordering::Relaxed),
+            probes_late: c.probes_late.load(Ordering::Relaxed),
+            probe_micros: c.probe_micros.load(Ordering::Relaxed),
             connected: c.connected.load(Ordering::Relaxed),
             down_since_micros: c.down_since_micros.load(Ordering::Relaxed),
             last_message_micros: c.last_message_micros.load(Ordering::Relaxed),
@@ -427,26 +518,46 @@ impl Publisher {
     }
 }
 
-/// Checks the subscriber connection every P: it must answer `INFO server` within T, with the
-/// same `run_id`. Ends when the bus is dropped.
+/// Checks the subscriber every P: its connection must answer `INFO server` within T, with
+/// the same `run_id`, and its probes must come back through pub/sub within T. A beat starts
+/// every P however long the last one takes, so a change is followed within P by a probe from
+/// its master, and that probe is due T later. Ends when the bus is dropped.
 async fn heartbeat(inner: std::sync::Weak<Inner>, mut closed: watch::Receiver<()>) {
-    loop {
+    let Some(period) = inner.upgrade().map(|bus| bus.config.heartbeat) else {
+        return;
+    };
+    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 1.. {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = closed.changed() => return,
+        }
         let Some(bus) = inner.upgrade() else { return };
-        let (period, timeout) = (bus.config.heartbeat, bus.config.heartbeat_timeout);
+        let timeout = bus.config.heartbeat_timeout;
         let subscriber = bus.subscriber.clone();
+        let probe_channel = bus.probe_channel.get().cloned();
         let tx = bus.tx.clone();
         drop(bus);
-        tokio::select! {
-            () = tokio::time::sleep(period) => {}
-            _ = closed.changed() => return,
-        }
-        let beat = tokio::select! {
-            r = subscriber.run_id(timeout) => r,
-            _ = closed.changed() => return,
-        };
-        if tx.send(Raw::Beat(beat)).is_err() {
-            return;
-        }
+        let mut closed = closed.clone();
+        tokio::spawn(async move {
+            let sent = std::time::Instant::now();
+            let beat = async {
+                let probe = async {
+                    match &probe_channel {
+                        Some(channel) => Some(subscriber.probe(channel, timeout).await),
+                        None => None,
+                    }
+                };
+                tokio::join!(subscriber.run_id(timeout), probe)
+            };
+            tokio::select! {
+                (run_id, probe) = beat => {
+                    let _ = tx.send(Raw::Beat { n, run_id, probe, sent });
+                }
+                _ = closed.changed() => {}
+            }
+        });
     }
 }
 
@@ -474,7 +585,12 @@ async fn run(
             }
         }
         let plan = state.plan(&inner, batch);
+        let confirmed = plan.confirmed;
         deliver(&inner, plan).await;
+        // Only now: the messages that arrived ahead of the probes have been applied.
+        if let Some(sent) = confirmed {
+            inner.lease.confirm(sent);
+        }
     }
 }
 
@@ -483,6 +599,8 @@ struct State {
     sequences: HashMap<u64, Sequence>,
     subscribed: HashSet<String>,
     run_id: Option<String>,
+    /// The newest beat whose `run_id` was taken (beats overlap and may finish out of order).
+    beat: u64,
 }
 
 /// What one batch asks for, per channel, after coalescing.
@@ -492,6 +610,8 @@ struct Plan {
     gaps: HashMap<String, GapReason>,
     clears: HashMap<String, Vec<Event>>,
     evictions: HashMap<String, HashMap<String, Eviction>>,
+    /// The start of the latest probe round that came back.
+    confirmed: Option<std::time::Instant>,
 }
 
 impl State {
@@ -578,18 +698,45 @@ impl State {
                         plan.gaps.insert(channel, GapReason::Resubscribed);
                     }
                 }
-                Raw::Beat(Ok(run_id)) => {
-                    counters.up();
-                    if self.run_id.as_ref().is_some_and(|old| *old != run_id) {
-                        plan.gap_all = Some(GapReason::ServerRestarted);
+                Raw::Beat {
+                    n,
+                    run_id,
+                    probe,
+                    sent,
+                } => {
+                    match run_id {
+                        Ok(run_id) if n > self.beat => {
+                            self.beat = n;
+                            counters.up();
+                            if self.run_id.as_ref().is_some_and(|old| *old != run_id) {
+                                plan.gap_all = Some(GapReason::ServerRestarted);
+                            }
+                            self.run_id = Some(run_id);
+                        }
+                        // An older beat finishing after a newer one: nothing to learn.
+                        Ok(_) => {}
+                        Err(e) => {
+                            counters.down();
+                            counters.heartbeats_missed.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(target: "invalidation", error = %e, "heartbeat missed");
+                            plan.gap_all = Some(GapReason::HeartbeatMissed);
+                        }
                     }
-                    self.run_id = Some(run_id);
-                }
-                Raw::Beat(Err(e)) => {
-                    counters.down();
-                    counters.heartbeats_missed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(target: "invalidation", error = %e, "heartbeat missed");
-                    plan.gap_all = Some(GapReason::HeartbeatMissed);
+                    match probe {
+                        Some(Ok(took)) => {
+                            counters
+                                .probe_micros
+                                .store(took.as_micros() as u64, Ordering::Relaxed);
+                            plan.confirmed = plan.confirmed.max(Some(sent));
+                        }
+                        Some(Err(e)) => {
+                            // No gap: nothing is known lost. The lease is not renewed, so L1
+                            // stops answering once it runs out, until a probe comes back.
+                            counters.probes_late.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(target: "invalidation", error = %e, "a pub/sub probe did not come back in time: the L1 lease is not renewed");
+                        }
+                        None => {}
+                    }
                 }
             }
         }
@@ -645,6 +792,25 @@ async fn deliver(inner: &Inner, plan: Plan) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lease_runs_delta_from_the_last_confirmed_round_and_never_backwards() {
+        let bound = Duration::from_millis(500);
+        let lease = Lease::new(bound);
+        let t0 = lease.base;
+        assert!(lease.holds_at(t0 + Duration::from_millis(499)));
+        assert!(!lease.holds_at(t0 + Duration::from_millis(500)));
+        lease.confirm(t0 + Duration::from_millis(300));
+        assert!(lease.holds_at(t0 + Duration::from_millis(799)));
+        assert!(!lease.holds_at(t0 + Duration::from_millis(800)));
+        // A round that started earlier but came back later does not shorten it.
+        lease.confirm(t0 + Duration::from_millis(100));
+        assert!(lease.holds_at(t0 + Duration::from_millis(799)));
+        // A clone is the same lease.
+        let clone = lease.clone();
+        lease.confirm(t0 + Duration::from_secs(2));
+        assert!(clone.holds_at(t0 + Duration::from_millis(2499)));
+    }
 
     fn seq() -> Sequence {
         Sequence {

@@ -41,19 +41,29 @@
 //!   ([`GapReason::ServerRestarted`]);
 //! - a writer's sequence number is missing for longer than T ([`GapReason::SequenceGap`]).
 //!
-//! So a node whose L1 holds a value that was changed elsewhere either gets the message
-//! (after the propagation delay, about one loopback round trip) or drops its L1 within
-//! **Δ = max(propagation, P + T)** of the change; with the defaults (P = T = 500 ms) Δ is about
-//! 1 s. The cache's L1 time to live bounds staleness unconditionally, so Δ never exceeds it.
+//! Losing a message is one risk; a message that is merely late is the other (an overloaded
+//! server, or on a cluster the bus between the master that published it and the node this
+//! process listens on), and so is this process being stalled. Every P the bus publishes a
+//! probe through every master on a channel of its own and waits for each to come back
+//! through pub/sub ([`l2::Subscriber::probe`]); pub/sub keeps order along each path, so a
+//! returned round proves every message published before it started has arrived, and the bus
+//! applies them before it takes the proof. That renews the [`Lease`] until the round's start
+//! plus **Δ = P + T** (the defaults, P = T = 500 ms, make Δ 1 s). The cache answers from L1
+//! only while the lease holds, so an L1 hit is never more than Δ behind a change made
+//! anywhere, even when messages are slow, without dropping L1 when they are: a late round
+//! only lets the lease run out until the next one returns, and reads go to L2 meanwhile.
+//! The cache's L1 time to live bounds staleness as well.
+//!
 //! Versions come from Redis (each write stamps the previous version plus one), never from
-//! clocks; clocks are used only for the propagation-lag metric.
+//! clocks; the lease uses this process's monotonic clock only, and wall clocks are used
+//! only for the propagation-lag metric.
 
 mod bus;
 pub mod message;
 
 pub use bus::{
     Bus, BusConfig, BusStats, Consumer, DEFAULT_HEARTBEAT, DEFAULT_HEARTBEAT_TIMEOUT, Event,
-    Eviction, GapReason, Publisher,
+    Eviction, GapReason, Lease, Publisher,
 };
 
 /// The Redis pub/sub channel that carries the invalidations of a key space: its prefix, then

@@ -190,7 +190,14 @@ impl<V> Entry<V> {
 
     /// Whether the entry is still fresh now.
     pub fn is_fresh(&self) -> bool {
-        Instant::now() < self.fresh_until
+        self.is_fresh_at(Instant::now())
+    }
+
+    /// Whether the entry is fresh at `now` (for a caller that reads the clock once for
+    /// several checks).
+    #[inline]
+    pub fn is_fresh_at(&self, now: Instant) -> bool {
+        now < self.fresh_until
     }
 }
 

@@ -1,13 +1,14 @@
 //! [`Subscriber`]: a dedicated pub/sub connection that reconnects and resubscribes by itself.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, ProtocolVersion, PushInfo, PushKind, Value};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
@@ -139,6 +140,37 @@ struct Inner {
     /// Set once `INFO` is refused (an ACL user without `@dangerous`): heartbeats use PING.
     info_denied: AtomicBool,
     moves: AtomicU64,
+    probes: Arc<Probes>,
+}
+
+/// The probes this subscriber published and waits for, by payload.
+struct Probes {
+    /// Channels with the probe handler on them.
+    channels: Mutex<HashSet<String>>,
+    waiting: Mutex<HashMap<Vec<u8>, oneshot::Sender<()>>>,
+    /// Makes this subscriber's payloads its own.
+    nonce: u64,
+    next: AtomicU64,
+}
+
+impl Probes {
+    fn arrived(&self, payload: &[u8]) {
+        let waiter = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(payload);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(());
+        }
+    }
+
+    fn forget(&self, payloads: &[Vec<u8>]) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        for p in payloads {
+            waiting.remove(p);
+        }
+    }
 }
 
 impl fmt::Debug for Subscriber {
@@ -417,6 +449,12 @@ impl Subscriber {
             conn: conn.clone(),
             info_denied: AtomicBool::new(false),
             moves: AtomicU64::new(0),
+            probes: Arc::new(Probes {
+                channels: Mutex::default(),
+                waiting: Mutex::default(),
+                nonce: fastrand::u64(..),
+                next: AtomicU64::new(0),
+            }),
         });
         if let Some(wake) = wake {
             tokio::spawn(rotate(Arc::downgrade(&inner), wake));
@@ -513,6 +551,122 @@ impl Subscriber {
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(|id| id.trim().to_string())
             .ok_or_else(|| Error::Config("INFO server has no run_id".into()))
+    }
+
+    /// Subscribes to `channel` for [`Subscriber::probe`]. The channel should be this
+    /// subscriber's alone (nobody else publishes on it or listens to it).
+    ///
+    /// # Errors
+    /// As [`Subscriber::listen`].
+    pub async fn listen_for_probes(&self, channel: &str) -> Result<()> {
+        let probes = Arc::clone(&self.inner.probes);
+        if !probes
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(channel.to_string())
+        {
+            return Ok(());
+        }
+        let handler = {
+            let probes = Arc::clone(&probes);
+            move |event: &Event<'_>| {
+                if let Event::Message { payload, .. } = event {
+                    probes.arrived(payload);
+                }
+            }
+        };
+        let subscribed = self.listen(channel, handler).await;
+        if subscribed.is_err() {
+            probes
+                .channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(channel);
+        }
+        subscribed
+    }
+
+    /// Proves that pub/sub messages reach this subscriber in time, end to end: publishes a
+    /// probe on `channel` (made ready with [`Subscriber::listen_for_probes`]) through every
+    /// master — on one server, through the server — and waits until each has come back on
+    /// this connection. Pub/sub keeps order along each path (a server to its subscribers; on
+    /// a cluster, a master's bus link to the node this subscriber is on), so a probe's return
+    /// means everything that master published before it has arrived here. Returns how long
+    /// the slowest took.
+    ///
+    /// The heartbeat ([`Subscriber::run_id`]) proves only that this connection answers; a
+    /// probe also covers the cluster bus between masters and this node, and a server slow to
+    /// write to its subscribers.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when a probe has not come back within `timeout`; [`Error::Config`]
+    /// if `channel` was not made ready; as the connection's commands otherwise.
+    pub async fn probe(&self, channel: &str, timeout: Duration) -> Result<Duration> {
+        let probes = &self.inner.probes;
+        if !probes
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(channel)
+        {
+            return Err(Error::Config(format!(
+                "probe: call listen_for_probes({channel:?}) first"
+            )));
+        }
+        let start = tokio::time::Instant::now();
+        let conn = &self.inner.conn;
+        let mut payloads = Vec::new();
+        let probing = async {
+            let masters: Vec<Option<(String, u16)>> = if conn.is_cluster() {
+                conn.masters().await?.into_iter().map(Some).collect()
+            } else {
+                vec![None]
+            };
+            let mut arrivals = Vec::with_capacity(masters.len());
+            let mut sends = Vec::with_capacity(masters.len());
+            for master in masters {
+                let n = probes.next.fetch_add(1, Ordering::Relaxed);
+                let payload = format!("probe:{:016x}:{n}", probes.nonce).into_bytes();
+                let (tx, rx) = oneshot::channel();
+                probes
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(payload.clone(), tx);
+                arrivals.push(rx);
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(channel).arg(&payload);
+                payloads.push(payload);
+                sends.push(async move {
+                    let _: i64 = match &master {
+                        Some(node) => conn.query_node("probe publish", node, cmd).await?,
+                        None => conn.query("probe publish", &cmd).await?,
+                    };
+                    Ok::<(), Error>(())
+                });
+            }
+            for sent in futures_util::future::join_all(sends).await {
+                sent?;
+            }
+            for arrival in arrivals {
+                // The sender lives in `waiting` until the probe arrives or is forgotten.
+                let _ = arrival.await;
+            }
+            Ok::<(), Error>(())
+        };
+        let outcome = match tokio::time::timeout(timeout, probing).await {
+            Ok(Ok(())) => Ok(start.elapsed()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Timeout {
+                op: "pub/sub probe",
+                after: timeout,
+            }),
+        };
+        if outcome.is_err() {
+            probes.forget(&payloads);
+        }
+        outcome
     }
 
     async fn bounded<T>(

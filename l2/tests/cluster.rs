@@ -183,6 +183,16 @@ async fn every_l2_operation_works_on_a_cluster() {
     store.publish("l2c:chan", b"hello").await.unwrap();
     wait_for(&seen, "hello", Duration::from_secs(2)).await;
 
+    // A probe round: published through each of the three masters, back through pub/sub.
+    let unready = subscriber.probe("l2c:probe", Duration::from_secs(1)).await;
+    assert!(matches!(unready, Err(l2::Error::Config(_))), "{unready:?}");
+    subscriber.listen_for_probes("l2c:probe").await.unwrap();
+    let took = subscriber
+        .probe("l2c:probe", Duration::from_secs(2))
+        .await
+        .unwrap();
+    println!("a probe round through the three masters took {took:?}");
+
     // Kill the node the subscriber sits on (the first seed; the store's second seed stays):
     // the subscriber reports the disconnect, moves to another node and hears again.
     let before = subscriber.moves();

@@ -346,6 +346,7 @@ where
             counters: Counters::default(),
             publisher,
             bus: bus.clone(),
+            lease: bus.lease().clone(),
             writes: Writes::default(),
             hit_ratio_floor: self.hit_ratio_floor,
             trace_keys: self.trace_keys,

@@ -137,6 +137,7 @@ pub(crate) struct Counters {
     pub(crate) invalidations_received: AtomicU64,
     pub(crate) invalidations_ignored: AtomicU64,
     pub(crate) gaps: AtomicU64,
+    pub(crate) l1_unconfirmed: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -210,6 +211,10 @@ pub struct CacheStats {
     pub invalidations_ignored: u64,
     /// Times L1 was dropped because invalidations may have been missed.
     pub gaps: u64,
+    /// Reads that found a fresh L1 entry but asked L2, because the bus's lease had run out:
+    /// it had not proven within Δ that every invalidation arrived (a slow server or cluster
+    /// bus, or this process stalled). See [`invalidation::Lease`].
+    pub l1_unconfirmed: u64,
     /// The L1 tier's own counters.
     pub l1: l1::Stats,
     /// The L2 store's counters (shared by caches on the same store).
@@ -298,6 +303,8 @@ pub(crate) struct Inner<V> {
     pub(crate) counters: Counters,
     pub(crate) publisher: invalidation::Publisher,
     pub(crate) bus: invalidation::Bus,
+    /// The bus's lease: L1 answers only while it holds.
+    pub(crate) lease: invalidation::Lease,
     pub(crate) writes: Writes,
     pub(crate) hit_ratio_floor: f64,
     pub(crate) trace_keys: bool,
@@ -734,7 +741,13 @@ where
     /// # }
     /// ```
     pub fn is_fresh_locally(&self, key: &str) -> bool {
-        self.inner.l1.get(key).is_some_and(|entry| entry.is_fresh())
+        let now = Instant::now();
+        self.inner.lease.holds_at(now)
+            && self
+                .inner
+                .l1
+                .get(key)
+                .is_some_and(|entry| entry.is_fresh_at(now))
     }
 
     /// Loads and L2 reads in flight in this process.
@@ -842,6 +855,7 @@ where
             invalidations_received: get(&c.invalidations_received),
             invalidations_ignored: get(&c.invalidations_ignored),
             gaps: get(&c.gaps),
+            l1_unconfirmed: get(&c.l1_unconfirmed),
             l1: self.inner.l1.stats(),
             l2: self.inner.store.stats(),
         }
@@ -906,13 +920,19 @@ where
         if options.skip_l1 {
             return Err(None);
         }
-        match self.l1.get(key) {
-            Some(entry) if entry.is_fresh() => {
-                self.counters.l1_hits.bump();
-                Ok(entry.value().value.clone())
-            }
-            other => Err(other),
+        let entry = self.l1.get(key).ok_or(None)?;
+        let now = Instant::now();
+        if !entry.is_fresh_at(now) {
+            return Err(Some(entry));
         }
+        if !self.lease.holds_at(now) {
+            // The bus has not proven for Δ that every invalidation arrived: this entry may
+            // be older than allowed, so it is neither an answer nor a fallback.
+            bump(&self.counters.l1_unconfirmed);
+            return Err(None);
+        }
+        self.counters.l1_hits.bump();
+        Ok(entry.value().value.clone())
     }
 
     /// The stale value of `candidate` if it is inside the stale-while-revalidate window and a

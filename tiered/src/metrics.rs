@@ -54,6 +54,14 @@ const COUNTERS: &[(&str, &str)] = &[
         "tiered_gaps_total",
         "times L1 was dropped because invalidations may have been missed",
     ),
+    (
+        "tiered_l1_unconfirmed_total",
+        "fresh L1 entries not served because the bus had not proven delivery within its bound",
+    ),
+    (
+        "tiered_bus_probes_late_total",
+        "pub/sub probe rounds that did not come back within the heartbeat timeout",
+    ),
 ];
 
 pub(crate) fn describe() {
@@ -75,6 +83,15 @@ pub(crate) fn describe() {
         "1 while the invalidation bus's heartbeat is answered"
     );
     describe_gauge!(
+        "tiered_bus_lease_holds",
+        "1 while the bus's lease lets L1 answer (every invalidation proven delivered within its bound)"
+    );
+    describe_gauge!(
+        "tiered_bus_probe_seconds",
+        Unit::Seconds,
+        "the last pub/sub probe round's trip through every master and back"
+    );
+    describe_gauge!(
         "tiered_invalidation_lag_p99_seconds",
         Unit::Seconds,
         "99th percentile of the propagation lag of recent invalidations"
@@ -94,6 +111,7 @@ where
     let c = &inner.counters;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let l2 = inner.store.stats();
+    let bus = inner.bus.stats();
     let values = [
         c.l1_hits.sum(),
         get(&c.l2_hits),
@@ -110,6 +128,8 @@ where
         get(&c.invalidations_sent),
         get(&c.invalidations_received),
         get(&c.gaps),
+        get(&c.l1_unconfirmed),
+        bus.probes_late,
     ];
     for ((name, _), value) in COUNTERS.iter().zip(values) {
         counter!(*name, "namespace" => ns.clone()).absolute(value);
@@ -122,12 +142,18 @@ where
         _ => 1.0,
     };
     gauge!("tiered_breaker_state", "namespace" => ns.clone()).set(breaker);
-    let bus = inner.bus.stats();
     gauge!("tiered_bus_connected", "namespace" => ns.clone()).set(if bus.connected {
         1.0
     } else {
         0.0
     });
+    gauge!("tiered_bus_lease_holds", "namespace" => ns.clone()).set(if inner.lease.holds() {
+        1.0
+    } else {
+        0.0
+    });
+    gauge!("tiered_bus_probe_seconds", "namespace" => ns.clone())
+        .set(bus.probe_micros as f64 / 1e6);
     gauge!("tiered_invalidation_lag_p99_seconds", "namespace" => ns.clone())
         .set(bus.lag_p99_micros as f64 / 1e6);
     if bus.last_message_micros > 0 {

@@ -441,3 +441,61 @@ async fn health_is_ok_then_not_ready_while_the_bus_is_down_then_ok_again() {
     })
     .await;
 }
+
+/// The read-side lease: while probes cannot come back through pub/sub (here `CLIENT PAUSE
+/// WRITE` holds every `PUBLISH`, while the `INFO` heartbeat still answers, so no gap), a
+/// fresh L1 entry stops answering once Δ has passed since the last proof, and answers again
+/// once a probe round returns; L1 is not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_stops_answering_while_delivery_is_unproven_and_resumes_after() {
+    let server = RedisServer::start();
+    let a = coherent_node(&server, "lease").await;
+    a.set("k", &"v1".to_string()).await.unwrap();
+    assert_eq!(a.get("k").await.unwrap().as_deref(), Some("v1"));
+    let before = a.stats();
+    assert!(before.l1_hits >= 1, "{before:?}");
+    assert!(a.is_fresh_locally("k"));
+
+    let pause = Duration::from_millis(2000);
+    assert_eq!(
+        server.command(&["CLIENT", "PAUSE", &pause.as_millis().to_string(), "WRITE"]),
+        "OK"
+    );
+    let paused = Instant::now();
+    eventually(Duration::from_secs(1), "the lease runs out", || async {
+        !a.bus().lease().holds()
+    })
+    .await;
+    assert!(!a.is_fresh_locally("k"));
+    // Not an L1 hit. L2 answers, or — as here, where the probe's held PUBLISH blocks the
+    // cache's connection behind it — is unavailable.
+    let read = a.get("k").await;
+    assert!(
+        read.as_ref()
+            .map_or_else(|e| e.is_unavailable(), |v| v.as_deref() == Some("v1")),
+        "{read:?}"
+    );
+    assert!(
+        paused.elapsed() < pause,
+        "the checks must run inside the pause"
+    );
+    let during = a.stats();
+    assert_eq!(during.l1_hits, before.l1_hits, "{during:?}");
+    assert!(during.l1_unconfirmed > before.l1_unconfirmed, "{during:?}");
+    assert_eq!(
+        during.gaps, before.gaps,
+        "a slow bus drops nothing: {during:?}"
+    );
+
+    // The pause ends, a probe round returns, L1 answers again.
+    eventually(
+        pause + Duration::from_secs(2),
+        "the lease is renewed",
+        || async { a.bus().lease().holds() },
+    )
+    .await;
+    assert!(a.bus().stats().probes_late >= 1, "{:?}", a.bus().stats());
+    assert!(a.is_fresh_locally("k"));
+    assert_eq!(a.get("k").await.unwrap().as_deref(), Some("v1"));
+    assert!(a.stats().l1_hits > during.l1_hits, "{:?}", a.stats());
+}

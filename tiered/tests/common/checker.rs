@@ -154,8 +154,15 @@ pub fn node_main() {
         }
         let s = cache.stats();
         println!(
-            "NODE {node}: l1 hits {}, l2 hits {}, invalidations received {}, ignored {}, gaps {}",
-            s.l1_hits, s.l2_hits, s.invalidations_received, s.invalidations_ignored, s.gaps
+            "NODE {node}: l1 hits {}, l2 hits {}, invalidations received {}, ignored {}, gaps {}, \
+             L1 unconfirmed {}, probe rounds late {}",
+            s.l1_hits,
+            s.l2_hits,
+            s.invalidations_received,
+            s.invalidations_ignored,
+            s.gaps,
+            s.l1_unconfirmed,
+            cache.bus().stats().probes_late
         );
         println!("GAPS {}", s.gaps);
     });
