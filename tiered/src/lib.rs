@@ -84,10 +84,13 @@
 //!   round trip), unless they already hold that write version or a newer one; a fill in flight
 //!   that read an older version is dropped. When messages may have been lost (disconnect,
 //!   resubscribe, restarted server, missed heartbeat, sequence gap) a node drops its whole L1
-//!   for the namespace before serving another hit. So a read on any node never returns a value
-//!   older than the newest change acknowledged more than **Δ = max(propagation, P + T)**
-//!   before it (P, T: the bus heartbeat period and timeout, [`invalidation::BusConfig`]; about
-//!   1 s by default), and never older than [`EntryOptions::l1_time_to_live`] in any case.
+//!   for the namespace before serving another hit. Messages that are only late are bounded
+//!   too: L1 answers only while the bus's [`invalidation::Lease`] holds, which a probe round
+//!   through every master renews every P once it has come back through pub/sub. So a read on
+//!   any node never returns a value older than the newest change acknowledged more than
+//!   **Δ = P + T** before it (P, T: the bus heartbeat period and timeout,
+//!   [`invalidation::BusConfig`]; 1 s by default), however slow the messages or this process,
+//!   and never older than [`EntryOptions::l1_time_to_live`] in any case.
 //!   Stale values served on purpose (stale-while-revalidate, fail-safe) are the exception the
 //!   options allow. A change made behind the cache's back (a raw `SET` in Redis) is seen after
 //!   the L1 time to live.
