@@ -111,6 +111,23 @@ impl<V: Clone> Fallback<V> {
         }
     }
 
+    /// What L1 held for a read that missed. While the bus's lease does not hold, the entry
+    /// may have missed an invalidation: it is neither fresh nor servable as
+    /// stale-while-revalidate (which serves old values, never ones known to be replaced);
+    /// only fail-safe, when a load fails, may still fall back on it.
+    fn from_candidate(
+        entry: &Entry<Held<V>>,
+        opts: &EntryOptions,
+        lease: &invalidation::Lease,
+    ) -> Self {
+        let mut fallback = Self::from_l1(entry, opts);
+        if !lease.holds() {
+            fallback.fresh = false;
+            fallback.in_swr = false;
+        }
+        fallback
+    }
+
     /// A fallback may stand in for a failed load when fail-safe is on (or when it is still
     /// fresh: then only the check against L2 failed).
     fn usable(&self, opts: &EntryOptions) -> bool {
@@ -237,7 +254,7 @@ impl CacheStats {
 /// announcement was overtaken does not put its older value in L1.
 #[derive(Debug, Default)]
 pub(crate) struct Writes {
-    // key -> (highest version announced by others since the first write began, writers)
+    // key -> (highest version written since the first write began, writers)
     keys: std::sync::Mutex<HashMap<Arc<str>, (u64, usize)>>,
 }
 
@@ -253,7 +270,9 @@ impl Writes {
         WriteWatch { writes: self, key }
     }
 
-    /// Another node announced `version` of `key`.
+    /// `version` of `key` was written: announced by another node, or acknowledged to
+    /// another caller of this one (own announcements are skipped on arrival, so a `set`
+    /// racing a newer `set` or `invalidate` of this node's would otherwise not see it).
     pub(crate) fn announced(&self, key: &str, version: u64) {
         if let Some(e) = self.keys().get_mut(key) {
             e.0 = e.0.max(version);
@@ -586,6 +605,7 @@ where
             match written {
                 Ok(v) => {
                     version = v;
+                    inner.writes.announced(key, v);
                     bump(&inner.counters.invalidations_sent);
                 }
                 Err(e) => {
@@ -602,7 +622,9 @@ where
             let entry = inner
                 .entry(Some(value.clone()), bytes.len(), fresh, life, &options)
                 .version(version);
-            inner.l1.insert(Arc::<str>::from(key), entry);
+            // Not over a newer write of this node's own (another caller's `set` of the key
+            // that finished first): own announcements do not raise the floor.
+            inner.l1.insert_unless_newer(Arc::<str>::from(key), entry);
             if watch.floor() > version {
                 inner.l1.invalidate(key);
             }
@@ -647,6 +669,7 @@ where
         inner.detach(key);
         inner.l1.invalidate(key);
         let removal = removed?;
+        inner.writes.announced(key, removal.version);
         bump(&inner.counters.invalidations_sent);
         Ok(removal.version)
     }
@@ -920,16 +943,20 @@ where
         if options.skip_l1 {
             return Err(None);
         }
-        let entry = self.l1.get(key).ok_or(None)?;
+        // The lease before the entry: a renewal seen here comes after the evictions it
+        // vouches for (the bus applies them first), so the entry read next reflects them.
         let now = Instant::now();
+        let confirmed = self.lease.holds_at(now);
+        let entry = self.l1.get(key).ok_or(None)?;
         if !entry.is_fresh_at(now) {
             return Err(Some(entry));
         }
-        if !self.lease.holds_at(now) {
-            // The bus has not proven for Δ that every invalidation arrived: this entry may
-            // be older than allowed, so it is neither an answer nor a fallback.
+        if !confirmed {
+            // The bus has not proven within Δ that every invalidation arrived: the entry
+            // may be older than allowed. Not an answer; a stale candidate at most (see
+            // `Fallback::from_candidate`).
             bump(&self.counters.l1_unconfirmed);
-            return Err(None);
+            return Err(Some(entry));
         }
         self.counters.l1_hits.bump();
         Ok(entry.value().value.clone())
@@ -945,7 +972,11 @@ where
     ) -> Option<Option<V>> {
         let entry = candidate?;
         let held = entry.value();
-        if options.swr.is_zero() || Instant::now() >= held.fresh_until + options.swr {
+        let now = Instant::now();
+        if options.swr.is_zero()
+            || now >= held.fresh_until + options.swr
+            || !self.lease.holds_at(now)
+        {
             return None;
         }
         if !self.loads.is_running(key) {
@@ -1051,7 +1082,7 @@ where
         if opts.skip_l1 || !token.admits(version) {
             return;
         }
-        self.l1.insert(Arc::clone(key), entry);
+        self.l1.insert_unless_newer(Arc::clone(key), entry);
         if !token.admits(version) {
             self.l1.invalidate(&**key);
         }
@@ -1140,7 +1171,9 @@ where
         loader: Option<Loader<V>>,
         candidate: Option<L1Entry<V>>,
     ) -> Result<Option<V>> {
-        let fallback = candidate.as_deref().map(|e| Fallback::from_l1(e, &opts));
+        let fallback = candidate
+            .as_deref()
+            .map(|e| Fallback::from_candidate(e, &opts, &self.lease));
         if let Some(fb) = &fallback
             && !fb.fresh
             && fb.in_swr
@@ -1230,7 +1263,9 @@ where
         token: FlightToken<Option<V>>,
     ) -> Result<Option<V>> {
         let rkey = self.space.key(&key);
-        let mut fallback = candidate.as_deref().map(|e| Fallback::from_l1(e, &opts));
+        let mut fallback = candidate
+            .as_deref()
+            .map(|e| Fallback::from_candidate(e, &opts, &self.lease));
         let mut l2_usable = !opts.skip_l2 && self.breaker.allow();
         let mut l2_error = None;
         let mut attempt = LockAttempt::NotTried;
