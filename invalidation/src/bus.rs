@@ -19,6 +19,9 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
 /// The default heartbeat timeout T: see [`BusConfig::heartbeat_timeout`].
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// The longest heartbeat period or timeout kept: a day.
+const MAX_SETTING: Duration = Duration::from_secs(86_400);
+
 /// Heartbeat and gap-detection settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BusConfig {
@@ -41,7 +44,9 @@ impl BusConfig {
     /// through pub/sub ([`Subscriber::probe`]). Beats start every P whatever the last one
     /// took. Default: [`DEFAULT_HEARTBEAT`].
     pub fn heartbeat(mut self, period: Duration) -> Self {
-        self.heartbeat = period;
+        // Zero would spin (and panics tokio's interval), and a period beyond a day would
+        // overflow the timer: kept between 1 ms and a day.
+        self.heartbeat = period.clamp(Duration::from_millis(1), MAX_SETTING);
         self
     }
 
@@ -49,7 +54,7 @@ impl BusConfig {
     /// counts as missed. Missing sequence numbers are also given this long to arrive.
     /// Default: [`DEFAULT_HEARTBEAT_TIMEOUT`].
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
-        self.heartbeat_timeout = timeout;
+        self.heartbeat_timeout = timeout.min(MAX_SETTING);
         self
     }
 
@@ -57,7 +62,7 @@ impl BusConfig {
     /// normally return within T; the [`Lease`] lasts Δ from the start of the last probe round
     /// that returned, so in steady state it never runs out.
     pub fn bound(&self) -> Duration {
-        self.heartbeat + self.heartbeat_timeout
+        self.heartbeat.saturating_add(self.heartbeat_timeout)
     }
 }
 
@@ -186,7 +191,10 @@ impl Lease {
     /// Every message published before `sent` has been applied: the lease runs until
     /// `sent` + Δ (never backwards).
     fn confirm(&self, sent: std::time::Instant) {
-        let until = nanos(sent.saturating_duration_since(self.base) + self.bound);
+        let until = nanos(
+            sent.saturating_duration_since(self.base)
+                .saturating_add(self.bound),
+        );
         self.until.fetch_max(until, Ordering::AcqRel);
     }
 }
@@ -542,14 +550,15 @@ async fn heartbeat(inner: std::sync::Weak<Inner>, mut closed: watch::Receiver<()
         let mut closed = closed.clone();
         tokio::spawn(async move {
             let sent = std::time::Instant::now();
+            // The probes first, then the run_id: a failover or a remade cluster link that
+            // happened before a probe returned shows in the run_id read after it, and its
+            // gap is applied before the round's proof (see `State::plan`).
             let beat = async {
-                let probe = async {
-                    match &probe_channel {
-                        Some(channel) => Some(subscriber.probe(channel, timeout).await),
-                        None => None,
-                    }
+                let probe = match &probe_channel {
+                    Some(channel) => Some(subscriber.probe(channel, timeout).await),
+                    None => None,
                 };
-                tokio::join!(subscriber.run_id(timeout), probe)
+                (subscriber.run_id(timeout).await, probe)
             };
             tokio::select! {
                 (run_id, probe) = beat => {
@@ -704,6 +713,7 @@ impl State {
                     probe,
                     sent,
                 } => {
+                    let run_id_read = run_id.is_ok();
                     match run_id {
                         Ok(run_id) if n > self.beat => {
                             self.beat = n;
@@ -727,7 +737,10 @@ impl State {
                             counters
                                 .probe_micros
                                 .store(took.as_micros() as u64, Ordering::Relaxed);
-                            plan.confirmed = plan.confirmed.max(Some(sent));
+                            // A proof only with the server's identity read after it.
+                            if run_id_read {
+                                plan.confirmed = plan.confirmed.max(Some(sent));
+                            }
                         }
                         Some(Err(e)) => {
                             // No gap: nothing is known lost. The lease is not renewed, so L1

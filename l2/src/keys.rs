@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 const ACL_COMMANDS: &str = "+ping +hello +auth +select +readonly \
      +get +getrange +strlen +pttl +set +setrange +pexpire +del +unlink +scan \
      +eval +evalsha +script|load +multi +exec +discard \
-     +wait +publish +subscribe +unsubscribe +cluster|slots +cluster|shards +cluster|nodes +cluster|info";
+     +wait +publish +subscribe +unsubscribe +cluster|slots +cluster|shards +cluster|nodes +cluster|info +cluster|links";
 
 /// Encoded keys longer than this are hashed behind a readable prefix.
 pub const MAX_KEY_LEN: usize = 200;

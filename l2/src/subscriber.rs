@@ -164,10 +164,22 @@ impl Probes {
             let _ = waiter.send(());
         }
     }
+}
 
-    fn forget(&self, payloads: &[Vec<u8>]) {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        for p in payloads {
+/// One probe round's waiters, removed when the round ends however it ends.
+struct Pending<'a> {
+    probes: &'a Probes,
+    payloads: Vec<Vec<u8>>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self
+            .probes
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for p in &self.payloads {
             waiting.remove(p);
         }
     }
@@ -371,13 +383,15 @@ impl Inner {
                 Ok((manager, mine)) => {
                     *self.current.write().unwrap_or_else(|p| p.into_inner()) = manager;
                     *self.node.write().unwrap_or_else(|p| p.into_inner()) = name.clone();
-                    self.active.store(mine, Ordering::Release);
-                    self.moves.fetch_add(1, Ordering::Relaxed);
+                    self.active.store(mine, Ordering::SeqCst);
                     self.beat_failures.store(0, Ordering::Relaxed);
                     // Its confirmations came while it was not yet active: report them now.
                     for channel in &channels {
                         self.handlers.subscribed(channel);
                     }
+                    // Only after the handlers heard of the move: a probe round that saw the
+                    // same count at its start and end did not straddle it (see `probe`).
+                    self.moves.fetch_add(1, Ordering::SeqCst);
                     tracing::info!(target: "l2", node = %name, "subscriber moved to another cluster node");
                     return Ok(());
                 }
@@ -519,8 +533,26 @@ impl Subscriber {
             .lines()
             .find_map(|l| l.strip_prefix("cluster_current_epoch:"))
             .map(str::trim)
-            .unwrap_or("?");
-        Ok(format!("{server}@epoch{epoch}"))
+            .unwrap_or("?")
+            .to_string();
+        // A cluster-bus link that was dropped and made again (a late PONG, the send buffer
+        // limit) took the messages in its buffer with it: that, too, is a change.
+        let mut manager = self.inner.manager();
+        let links: Result<Value> = self
+            .bounded("subscriber cluster links", timeout, async move {
+                redis::cmd("CLUSTER")
+                    .arg("LINKS")
+                    .query_async(&mut manager)
+                    .await
+            })
+            .await;
+        let links = match links {
+            Ok(value) => links_digest(&value),
+            // Not allowed, or a Redis before 7.0: the epoch alone.
+            Err(e) if e.is_permission() || !e.is_unavailable() => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(format!("{server}@epoch{epoch}@links{links:016x}"))
     }
 
     async fn server_id(&self, timeout: std::time::Duration) -> Result<String> {
@@ -614,58 +646,85 @@ impl Subscriber {
                 "probe: call listen_for_probes({channel:?}) first"
             )));
         }
+        // A round that straddles a move could return on the new node before the handlers
+        // hear of the move (and the messages it may have lost): it proves nothing.
+        let connection_before = (
+            self.inner.active.load(Ordering::SeqCst),
+            self.inner.moves.load(Ordering::SeqCst),
+        );
         let start = tokio::time::Instant::now();
+        let deadline = start + timeout;
+        let late = || Error::Timeout {
+            op: "pub/sub probe",
+            after: timeout,
+        };
         let conn = &self.inner.conn;
-        let mut payloads = Vec::new();
-        let probing = async {
-            let masters: Vec<Option<(String, u16)>> = if conn.is_cluster() {
-                conn.masters().await?.into_iter().map(Some).collect()
-            } else {
-                vec![None]
-            };
-            let mut arrivals = Vec::with_capacity(masters.len());
-            let mut sends = Vec::with_capacity(masters.len());
-            for master in masters {
-                let n = probes.next.fetch_add(1, Ordering::Relaxed);
-                let payload = format!("probe:{:016x}:{n}", probes.nonce).into_bytes();
-                let (tx, rx) = oneshot::channel();
-                probes
-                    .waiting
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(payload.clone(), tx);
-                arrivals.push(rx);
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(channel).arg(&payload);
-                payloads.push(payload);
-                sends.push(async move {
-                    let _: i64 = match &master {
-                        Some(node) => conn.query_node("probe publish", node, cmd).await?,
-                        None => conn.query("probe publish", &cmd).await?,
-                    };
-                    Ok::<(), Error>(())
-                });
-            }
+        let masters: Vec<Option<(String, u16)>> = if conn.is_cluster() {
+            tokio::time::timeout_at(deadline, conn.masters())
+                .await
+                .map_err(|_| late())??
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            vec![None]
+        };
+        // Whatever happens to this round (done, late, cancelled), its waiters go with it.
+        let mut pending = Pending {
+            probes,
+            payloads: Vec::with_capacity(masters.len()),
+        };
+        let mut arrivals = Vec::with_capacity(masters.len());
+        let mut sends = Vec::with_capacity(masters.len());
+        for master in masters {
+            let n = probes.next.fetch_add(1, Ordering::Relaxed);
+            let payload = format!("probe:{:016x}:{n}", probes.nonce).into_bytes();
+            let (tx, rx) = oneshot::channel();
+            probes
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(payload.clone(), tx);
+            arrivals.push(rx);
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(channel).arg(&payload);
+            pending.payloads.push(payload);
+            sends.push(async move {
+                let _: i64 = match &master {
+                    Some(node) => conn.query_node("probe publish", node, cmd).await?,
+                    None => conn.query("probe publish", &cmd).await?,
+                };
+                Ok::<(), Error>(())
+            });
+        }
+        let round = async {
             for sent in futures_util::future::join_all(sends).await {
                 sent?;
             }
             for arrival in arrivals {
-                // The sender lives in `waiting` until the probe arrives or is forgotten.
-                let _ = arrival.await;
+                arrival
+                    .await
+                    .map_err(|_| Error::Config("the subscriber closed during a probe".into()))?;
             }
             Ok::<(), Error>(())
         };
-        let outcome = match tokio::time::timeout(timeout, probing).await {
+        let outcome = match tokio::time::timeout_at(deadline, round).await {
+            Ok(Ok(()))
+                if connection_before
+                    != (
+                        self.inner.active.load(Ordering::SeqCst),
+                        self.inner.moves.load(Ordering::SeqCst),
+                    ) =>
+            {
+                Err(Error::Config(
+                    "the subscriber moved to another node during the probe".into(),
+                ))
+            }
             Ok(Ok(())) => Ok(start.elapsed()),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::Timeout {
-                op: "pub/sub probe",
-                after: timeout,
-            }),
+            Err(_) => Err(late()),
         };
-        if outcome.is_err() {
-            probes.forget(&payloads);
-        }
+        drop(pending);
         outcome
     }
 
@@ -727,4 +786,49 @@ impl Subscriber {
         }
         result
     }
+}
+
+/// A digest of `CLUSTER LINKS`' inbound links: each peer and when its link was made. A
+/// peer's `PUBLISH` reaches this node over the link the peer opened (inbound here), so one
+/// that was dropped and made again changes the digest. Outbound links are left out: this
+/// node keeps remaking the one to a dead peer, which loses nothing.
+fn links_digest(value: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let items = match value {
+        Value::Array(items) | Value::Set(items) => items.as_slice(),
+        _ => &[],
+    };
+    let mut links: Vec<String> = items
+        .iter()
+        .map(|link| {
+            let pairs: Vec<(&Value, &Value)> = match link {
+                Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|c| Some((c.first()?, c.get(1)?)))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let field = |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| text(k) == Some(name))
+                    .map(|(_, v)| match v {
+                        Value::Int(n) => n.to_string(),
+                        other => text(other).unwrap_or("").to_string(),
+                    })
+                    .unwrap_or_default()
+            };
+            (
+                field("dir"),
+                format!("{} {}", field("node"), field("create-time")),
+            )
+        })
+        .filter(|(dir, _)| dir == "from")
+        .map(|(_, link)| link)
+        .collect();
+    links.sort_unstable();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    links.hash(&mut hasher);
+    hasher.finish()
 }

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use l2::{Key, Lock};
 use serde::Serialize;
@@ -38,15 +38,21 @@ where
         if !seen.insert(key) {
             continue;
         }
+        // The lease before the entry, as in `l1_lookup`.
+        let now = Instant::now();
+        let confirmed = inner.lease.holds_at(now);
         if !opts.skip_l1
             && let Some(entry) = inner.l1.get(key)
-            && entry.is_fresh()
+            && entry.is_fresh_at(now)
         {
-            inner.counters.l1_hits.bump();
-            if let Some(v) = entry.value().value.clone() {
-                out.insert(key.to_string(), v);
+            if confirmed {
+                inner.counters.l1_hits.bump();
+                if let Some(v) = entry.value().value.clone() {
+                    out.insert(key.to_string(), v);
+                }
+                continue;
             }
-            continue;
+            bump(&inner.counters.l1_unconfirmed);
         }
         // Join a load in flight, or claim the key so single-key callers join ours.
         let (waiter, claim) = inner.loads.join_or_claim(key);
