@@ -520,14 +520,12 @@ impl Subscriber {
         // On a cluster, a failover elsewhere changes no run_id this node sees, yet the new
         // master may lack the last writes: the cluster's epoch, which every failover bumps,
         // makes it a change too.
-        let mut manager = self.inner.manager();
         let info: String = self
-            .bounded("subscriber cluster info", timeout, async move {
-                redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut manager)
-                    .await
-            })
+            .ask(
+                "subscriber cluster info",
+                timeout,
+                redis::cmd("CLUSTER").arg("INFO"),
+            )
             .await?;
         let epoch = info
             .lines()
@@ -537,14 +535,12 @@ impl Subscriber {
             .to_string();
         // A cluster-bus link that was dropped and made again (a late PONG, the send buffer
         // limit) took the messages in its buffer with it: that, too, is a change.
-        let mut manager = self.inner.manager();
         let links: Result<Value> = self
-            .bounded("subscriber cluster links", timeout, async move {
-                redis::cmd("CLUSTER")
-                    .arg("LINKS")
-                    .query_async(&mut manager)
-                    .await
-            })
+            .ask(
+                "subscriber cluster links",
+                timeout,
+                redis::cmd("CLUSTER").arg("LINKS"),
+            )
             .await;
         let links = match links {
             Ok(value) => links_digest(&value),
@@ -560,14 +556,8 @@ impl Subscriber {
             self.ping(timeout).await?;
             return Ok(String::new());
         }
-        let mut manager = self.inner.manager();
         let info: Result<String> = self
-            .bounded("subscriber info", timeout, async move {
-                redis::cmd("INFO")
-                    .arg("server")
-                    .query_async(&mut manager)
-                    .await
-            })
+            .ask("subscriber info", timeout, redis::cmd("INFO").arg("server"))
             .await;
         let info = match info {
             Err(e) if e.is_permission() => {
@@ -726,6 +716,18 @@ impl Subscriber {
         };
         drop(pending);
         outcome
+    }
+
+    /// Runs `cmd` on the subscriber connection, bounded by `timeout`.
+    async fn ask<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        timeout: std::time::Duration,
+        cmd: &redis::Cmd,
+    ) -> Result<T> {
+        let mut manager = self.inner.manager();
+        self.bounded(op, timeout, cmd.query_async(&mut manager))
+            .await
     }
 
     async fn bounded<T>(
