@@ -387,27 +387,6 @@ impl<V: Send + Sync + 'static> LocalCache<V> {
         entry
     }
 
-    /// Inserts `entry` under `key` unless L1 holds a newer write of it (a higher
-    /// [`Entry::write_version`]); an entry of version 0 (unversioned) always goes in.
-    /// Concurrent writes and fills of one key can finish in any order: the older must not
-    /// replace the newer. Atomic against other calls of this method on the same key.
-    /// Returns whether `entry` went in.
-    pub fn insert_unless_newer(&self, key: impl Into<Arc<str>>, mut entry: Entry<V>) -> bool {
-        use moka::ops::compute::{CompResult, Op};
-        let ttl = jittered(entry.ttl, self.jitter);
-        entry.stamp(Instant::now(), ttl);
-        let version = entry.version;
-        let entry = Arc::new(entry);
-        let result = self
-            .inner
-            .entry(key.into())
-            .and_compute_with(|existing| match existing {
-                Some(held) if version > 0 && held.value().version > version => Op::Nop,
-                _ => Op::Put(entry),
-            });
-        !matches!(result, CompResult::Unchanged(_))
-    }
-
     /// Removes the entry under `key`, if any.
     pub fn invalidate<Q>(&self, key: &Q)
     where

@@ -200,22 +200,8 @@ async fn every_l2_operation_works_on_a_cluster() {
     let started = Instant::now();
     cluster.nodes_mut()[victim].kill();
     wait_for(&seen, "<disconnected>", Duration::from_secs(5)).await;
-    let mut n = 0;
-    loop {
-        n += 1;
-        let text = format!("after-{n}");
-        // Publishing may fail while the cluster fails over; that is the caller's to bear.
-        let _ = store.publish("l2c:chan", text.as_bytes()).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if seen.lock().unwrap().contains(&text) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "never heard again: {:?}",
-            seen.lock().unwrap()
-        );
-    }
+    // Publishing may fail while the cluster fails over; that is the caller's to bear.
+    let n = publish_until_heard(&store, &seen, "after", started).await;
     assert!(subscriber.moves() > before);
     println!(
         "subscriber heard again {:?} after its node was killed ({} publishes)",
@@ -268,20 +254,7 @@ async fn every_l2_operation_works_on_a_cluster() {
         "subscriber left a hung node {:?} after its first failed heartbeat",
         started.elapsed()
     );
-    let mut n = 0;
-    loop {
-        n += 1;
-        let text = format!("after-pause-{n}");
-        let _ = store.publish("l2c:chan", text.as_bytes()).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if heard.lock().unwrap().contains(&text) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "never heard after the pause"
-        );
-    }
+    let n = publish_until_heard(&store, &heard, "after-pause", started).await;
     // Publishes through the cluster connection may time out on the hung node meanwhile.
     println!(
         "and heard again after {:?} ({n} publishes)",
@@ -289,6 +262,30 @@ async fn every_l2_operation_works_on_a_cluster() {
     );
     assert_eq!(second.moves(), 1);
     cluster.nodes_mut()[1].resume();
+}
+
+/// Publishes `prefix-1`, `prefix-2`, ... on `l2c:chan` every 50 ms until one is heard
+/// (within 15 s of `started`); returns how many it took.
+async fn publish_until_heard(
+    store: &RedisStore,
+    heard: &Arc<Mutex<Vec<String>>>,
+    prefix: &str,
+    started: Instant,
+) -> usize {
+    for n in 1.. {
+        let text = format!("{prefix}-{n}");
+        let _ = store.publish("l2c:chan", text.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if heard.lock().unwrap().contains(&text) {
+            return n;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{prefix}: never heard: {:?}",
+            heard.lock().unwrap()
+        );
+    }
+    unreachable!("1.. does not end")
 }
 
 async fn wait_for(seen: &Arc<Mutex<Vec<String>>>, what: &str, within: Duration) {

@@ -622,9 +622,7 @@ where
             let entry = inner
                 .entry(Some(value.clone()), bytes.len(), fresh, life, &options)
                 .version(version);
-            // Not over a newer write of this node's own (another caller's `set` of the key
-            // that finished first): own announcements do not raise the floor.
-            inner.l1.insert_unless_newer(Arc::<str>::from(key), entry);
+            inner.l1.insert(Arc::<str>::from(key), entry);
             if watch.floor() > version {
                 inner.l1.invalidate(key);
             }
@@ -666,10 +664,14 @@ where
             )
             .await;
         inner.note_l2(removed.as_ref().err());
+        // The floor first: a concurrent `set` of this node that fills L1 after the
+        // invalidation below sees it when it re-checks, and drops its older value.
+        if let Ok(removal) = &removed {
+            inner.writes.announced(key, removal.version);
+        }
         inner.detach(key);
         inner.l1.invalidate(key);
         let removal = removed?;
-        inner.writes.announced(key, removal.version);
         bump(&inner.counters.invalidations_sent);
         Ok(removal.version)
     }
@@ -1082,7 +1084,7 @@ where
         if opts.skip_l1 || !token.admits(version) {
             return;
         }
-        self.l1.insert_unless_newer(Arc::clone(key), entry);
+        self.l1.insert(Arc::clone(key), entry);
         if !token.admits(version) {
             self.l1.invalidate(&**key);
         }
