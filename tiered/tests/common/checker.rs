@@ -48,6 +48,8 @@ pub struct Outcome {
     pub ops: Vec<Op>,
     /// When each failed operation returned its error (µs), from all nodes.
     pub errors_us: Vec<u64>,
+    /// The same errors with their text, in the same order.
+    pub errors: Vec<(u64, String)>,
     /// Per node: the invalidation gaps it saw (each drops its L1).
     pub gaps: Vec<u64>,
 }
@@ -84,7 +86,10 @@ pub fn node_main() {
             builder.redis_url(urls)
         };
         if let Some(ms) = acks {
-            builder = builder.replica_acks(1, Duration::from_millis(ms));
+            // The command timeout must stay above the replica timeout: twice it.
+            builder = builder
+                .l2_timeout(Duration::from_millis(ms * 2))
+                .replica_acks(1, Duration::from_millis(ms));
         }
         let cache: TieredCache<String> = builder.build().await.unwrap();
         command_at(addr, &["INCR", "ready"]);
@@ -106,8 +111,8 @@ pub fn node_main() {
                     let kind = if roll < 60 {
                         match cache.get(&key).await {
                             Ok(value) => OpKind::Read { value },
-                            Err(_) => {
-                                errors.push(now_us());
+                            Err(e) => {
+                                errors.push((now_us(), format!("get: {e}")));
                                 // A failed read says nothing; pace the retry a little.
                                 tokio::time::sleep(Duration::from_millis(1)).await;
                                 continue;
@@ -118,16 +123,16 @@ pub fn node_main() {
                         let value = format!("n{node}w{w}-{n}");
                         match cache.set(&key, &value).await {
                             Ok(version) => OpKind::Write { value, version },
-                            Err(_) => {
-                                errors.push(now_us());
+                            Err(e) => {
+                                errors.push((now_us(), format!("set: {e}")));
                                 OpKind::Failed { value: Some(value) }
                             }
                         }
                     } else {
                         match cache.invalidate(&key).await {
                             Ok(version) => OpKind::Delete { version },
-                            Err(_) => {
-                                errors.push(now_us());
+                            Err(e) => {
+                                errors.push((now_us(), format!("invalidate: {e}")));
                                 OpKind::Failed { value: None }
                             }
                         }
@@ -148,8 +153,8 @@ pub fn node_main() {
             for op in ops {
                 println!("OP {}", op.to_line());
             }
-            for at in errors {
-                println!("ERR {at}");
+            for (at, text) in errors {
+                println!("ERR {at} {text}");
             }
         }
         let s = cache.stats();
@@ -201,7 +206,7 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
     meeting.command(&["SET", "go", "1"]);
     during();
     let mut ops = Vec::new();
-    let mut errors_us = Vec::new();
+    let mut errors = Vec::new();
     let mut gaps = Vec::new();
     for child in children {
         let out = child.wait_with_output().unwrap();
@@ -215,7 +220,9 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
             if let Some(at) = line.find("OP ") {
                 ops.push(Op::from_line(&line[at + 3..]).expect("a well-formed op line"));
             } else if let Some(at) = line.find("ERR ") {
-                errors_us.push(line[at + 4..].trim().parse().unwrap());
+                let rest = line[at + 4..].trim();
+                let (us, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                errors.push((us.parse().unwrap(), text.to_string()));
             } else if let Some(at) = line.find("GAPS ") {
                 gaps.push(line[at + 5..].trim().parse().unwrap());
             } else if let Some(at) = line.find("NODE ") {
@@ -227,7 +234,8 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
     Outcome {
         report,
         ops,
-        errors_us,
+        errors_us: errors.iter().map(|e| e.0).collect(),
+        errors,
         gaps,
     }
 }
