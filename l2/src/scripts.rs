@@ -1,9 +1,25 @@
 //! The Lua scripts that change an entry. Each touches one entry's keys only (the data key and
 //! its lock share a hash tag, so one Cluster slot), and each gives the entry a new **write
-//! version**: the previous one plus one, read from the entry's own header in Redis, so versions
-//! come from Redis's order of writes, never from a clock. Deletes leave a tombstone that keeps
-//! the version (and reads as a miss), so versions never go back while any node may still hold
-//! a copy of the old value.
+//! version**: `max(previous + 1, now)`, where *previous* is read from the entry's own header in
+//! Redis and *now* is the server's clock (`TIME`) in microseconds, read inside the script.
+//!
+//! Why both: *previous + 1* alone restarts at 1 whenever the key disappears behind the cache's
+//! back (`FLUSHALL`, `FLUSHDB`, eviction under `maxmemory` of the entry and its tombstone, an
+//! operator's `DEL`, a decode-error eviction), and a node still holding version 5 would then
+//! ignore the announcement of the new version 1. The server's clock alone would let two writes
+//! in one microsecond tie. Together, on one server, a version is always above every version the
+//! key had before, whatever removed it: while the key exists by *previous + 1*, and once it is
+//! gone because the clock has moved on since the last write (a script takes well over a
+//! microsecond, so *previous + 1* never runs ahead of the clock by more than the writes of the
+//! last microsecond). What remains is a server clock stepping back (an NTP step, or a failover
+//! to a replica whose clock is behind) while a key is absent: a failover is already a gap (every
+//! node drops L1), and the bus's heartbeat reads the server's clock (`INFO server`'s
+//! `server_time_usec`) and treats a step back as a gap too. Microseconds since 1970 stay below
+//! 2^53 until the year 2255, so Lua's doubles hold them exactly.
+//!
+//! Scripts that call `TIME` are fine under effects replication (the only mode since Redis 7;
+//! replicas receive the `SET` with the computed bytes). Deletes leave a tombstone that keeps
+//! the version (and reads as a miss), so a delete's version is known to later writers.
 //!
 //! A script may announce the change: it appends the new version (8 bytes, little endian) to a
 //! message given by the caller and publishes it, in the same atomic step as the write, so no
@@ -12,7 +28,8 @@
 use std::sync::LazyLock;
 
 /// Shared helpers, prepended to every script: `version_of(key)` reads the write version from
-/// an entry's header (0 if absent or not an entry); `pack(v)` is its 8-byte encoding;
+/// an entry's header (0 if absent or not an entry); `next_version(key)` is
+/// `max(version_of(key) + 1, TIME in µs)`; `pack(v)` is its 8-byte encoding;
 /// `announce(v, channel, message)` publishes `message .. pack(v)` unless the channel is empty.
 const LIB: &str = r"
 local function version_of(key)
@@ -20,6 +37,13 @@ local function version_of(key)
   if #h < 22 or string.sub(h, 1, 4) ~= '\193MLC' then return 0 end
   local v = 0
   for i = 22, 15, -1 do v = v * 256 + string.byte(h, i) end
+  return v
+end
+local function next_version(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local v = version_of(key) + 1
+  if now > v then v = now end
   return v
 end
 local function pack(v)
@@ -33,10 +57,10 @@ end
 ";
 
 /// `KEYS[1]` data, `KEYS[2]` lock; `ARGV`: bytes, ttl ms, notice channel, announce channel,
-/// announce message. Writes, stamps the next version, breaks the lock, wakes lock waiters,
+/// announce message. Writes, stamps the next version (see the module docs), breaks the lock, wakes lock waiters,
 /// announces. Returns the version.
 const OVERWRITE_BODY: &str = r"
-local v = version_of(KEYS[1]) + 1
+local v = next_version(KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SETRANGE', KEYS[1], 14, pack(v))
 redis.call('DEL', KEYS[2])
@@ -50,7 +74,7 @@ return v
 /// as long as the old entry would have, stamps the next version, breaks the lock, wakes lock
 /// waiters, announces. Returns `{existed, version}`.
 const REMOVE_BODY: &str = r"
-local v = version_of(KEYS[1]) + 1
+local v = next_version(KEYS[1])
 local existed = 0
 local flags = redis.call('GETRANGE', KEYS[1], 5, 5)
 local pttl = redis.call('PTTL', KEYS[1])
@@ -70,7 +94,7 @@ return {existed, v}
 /// Returns the version, or 0 if the lock was lost.
 const COMPLETE_BODY: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local v = version_of(KEYS[2]) + 1
+local v = next_version(KEYS[2])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('SETRANGE', KEYS[2], 14, pack(v))
 redis.call('DEL', KEYS[1])

@@ -337,7 +337,7 @@ async fn absent_markers_read_as_absent_not_as_corrupt() {
 }
 
 #[tokio::test]
-async fn every_change_gets_the_next_version_even_across_deletes() {
+async fn every_change_gets_a_higher_version_across_deletes_and_vanished_keys() {
     let server = RedisServer::start();
     let conn = Connection::connect(server.url()).await.unwrap();
     let store = RedisStore::new(conn.clone());
@@ -362,39 +362,70 @@ async fn every_change_gets_the_next_version_even_across_deletes() {
         channel: "versions:!test",
         message: b"hdr",
     };
-    assert_eq!(
-        store
-            .overwrite(&key, &bytes, ttl, Some(announce))
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(store.overwrite(&key, &bytes, ttl, None).await.unwrap(), 2);
+    // Versions are max(previous + 1, the server's clock in µs): each above the last, and
+    // never below the server's time of the write.
+    let clock = || -> u64 {
+        let t = server.command(&["TIME"]);
+        let mut parts = t.split_whitespace().map(|p| p.parse::<u64>().unwrap());
+        parts.next().unwrap() * 1_000_000 + parts.next().unwrap()
+    };
+    let before = clock();
+    let v1 = store
+        .overwrite(&key, &bytes, ttl, Some(announce))
+        .await
+        .unwrap();
+    assert!(v1 >= before, "{v1} < server time {before}");
+    let v2 = store.overwrite(&key, &bytes, ttl, None).await.unwrap();
+    assert!(v2 > v1);
     let removal = store.remove(&key, ttl, Some(announce)).await.unwrap();
-    assert_eq!((removal.existed, removal.version), (true, 3));
+    assert!(removal.existed);
+    let v3 = removal.version;
+    assert!(v3 > v2);
     assert!(
         store.get(&key, &codec).await.unwrap().is_none(),
         "a tombstone is a miss"
     );
     assert_eq!(store.stats().decode_errors, 0);
     let again = store.remove(&key, ttl, None).await.unwrap();
-    assert_eq!((again.existed, again.version), (false, 4));
-    assert_eq!(store.overwrite(&key, &bytes, ttl, None).await.unwrap(), 5);
+    assert!(!again.existed);
+    let v4 = again.version;
+    assert!(v4 > v3);
+    let v5 = store.overwrite(&key, &bytes, ttl, None).await.unwrap();
+    assert!(v5 > v4);
     let read = store.get(&key, &codec).await.unwrap().unwrap();
     assert_eq!(
-        read.meta.write_version, 5,
+        read.meta.write_version, v5,
         "readers see the stamped version"
     );
     let lock = store.try_lock(&key, ttl).await.unwrap().unwrap();
-    assert_eq!(
-        store.complete_lock(&lock, &bytes, ttl).await.unwrap(),
-        Some(6)
-    );
+    let v6 = store
+        .complete_lock(&lock, &bytes, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(v6 > v5);
+
+    // The key vanishes behind the store's back (an operator, FLUSHALL, eviction): the next
+    // version is still above every earlier one.
+    server.command(&["FLUSHALL"]);
+    let v7 = store.overwrite(&key, &bytes, ttl, None).await.unwrap();
+    assert!(v7 > v6, "a vanished key's version restarted: {v7} <= {v6}");
+    // A version far ahead of the clock (written by an older build) still only goes up.
+    let ahead = KeySpace::new("versions").key("ahead");
+    let bytes_ahead = codec
+        .encode(
+            &"v".to_string(),
+            &EntryMeta::new(Duration::from_secs(60)).write_version(u64::from(u32::MAX) << 20),
+        )
+        .unwrap();
+    store.set_bytes(&ahead, &bytes_ahead, ttl).await.unwrap();
+    let next = store.overwrite(&ahead, &bytes, ttl, None).await.unwrap();
+    assert_eq!(next, (u64::from(u32::MAX) << 20) + 1);
 
     let mut first = b"hdr".to_vec();
-    first.extend_from_slice(&1u64.to_le_bytes());
+    first.extend_from_slice(&v1.to_le_bytes());
     let mut third = b"hdr".to_vec();
-    third.extend_from_slice(&3u64.to_le_bytes());
+    third.extend_from_slice(&v3.to_le_bytes());
     let wait = Duration::from_secs(5);
     assert_eq!(
         tokio::time::timeout(wait, rx.recv()).await.unwrap(),
