@@ -14,7 +14,11 @@
 //! assert_eq!(users.key("42").as_str(), "users:v2:{42}");
 //! assert_eq!(KeySpace::new("a:b").key("c").as_str(), "a%3Ab:{c}");
 //! let k = KeySpace::new("http").request_key("/search", [("q", "rust"), ("page", "2")]);
-//! assert_eq!(k.as_str(), "http:{/search?page=2&q=rust}");
+//! assert_eq!(k.as_str(), "http:{:/search?page=2&q=rust}");
+//! // A request key starts with a bare `:`, which `key` always escapes: the two never meet.
+//! let plain = KeySpace::new("http").key("/search?page=2&q=rust");
+//! assert_eq!(plain.as_str(), "http:{/search?page=2&q=rust}");
+//! assert_ne!(plain, k);
 //! ```
 
 use std::fmt::{self, Write as _};
@@ -26,7 +30,7 @@ use sha2::{Digest, Sha256};
 /// strings, scripts (and what they call), transactions, pub/sub, `SCAN` for clears, and the
 /// cluster topology.
 const ACL_COMMANDS: &str = "+ping +hello +auth +select +readonly \
-     +get +getrange +strlen +pttl +set +setrange +pexpire +del +unlink +scan \
+     +get +getrange +strlen +pttl +set +setrange +pexpire +del +unlink +scan +time \
      +eval +evalsha +script|load +multi +exec +discard \
      +wait +publish +subscribe +unsubscribe +cluster|slots +cluster|shards +cluster|nodes +cluster|info +cluster|links";
 
@@ -85,6 +89,8 @@ impl KeySpace {
     /// The key for a request: `path`, then the query parameters sorted by name (and by value
     /// for repeated names), so the same logical request always gives the same key. Names and
     /// values are escaped (`&`, `=` and `?` too), so parameters never run into each other.
+    /// It starts with a bare `:` (which [`KeySpace::key`] always escapes), so no plain key
+    /// equals a request key.
     pub fn request_key<I, N, V>(&self, path: &str, params: I) -> Key
     where
         I: IntoIterator<Item = (N, V)>,
@@ -93,7 +99,8 @@ impl KeySpace {
     {
         let mut params: Vec<(N, V)> = params.into_iter().collect();
         params.sort_by(|a, b| (a.0.as_ref(), a.1.as_ref()).cmp(&(b.0.as_ref(), b.1.as_ref())));
-        let mut escaped = String::with_capacity(path.len() + 16 * params.len());
+        let mut escaped = String::with_capacity(path.len() + 1 + 16 * params.len());
+        escaped.push(':');
         escape_into(path, &mut escaped, "?");
         for (i, (name, value)) in params.iter().enumerate() {
             escaped.push(if i == 0 { '?' } else { '&' });
@@ -351,6 +358,16 @@ mod tests {
                 shuffled.swap(i, (state % (i as u64 + 1)) as usize);
             }
             prop_assert_eq!(space.request_key("/p", params.clone()), space.request_key("/p", shuffled));
+        }
+
+        #[test]
+        fn plain_keys_never_equal_request_keys(
+            key in "[a-z/:?&=%]{0,12}",
+            path in "[a-z/:?&=%]{0,8}",
+            params in proptest::collection::btree_map("[a-z&=:]{1,3}", "[a-z&=:]{0,3}", 0..3),
+        ) {
+            let space = KeySpace::new("http");
+            prop_assert_ne!(space.key(&key), space.request_key(&path, &params));
         }
 
         #[test]
