@@ -109,16 +109,17 @@ impl<V> Entry<V> {
         }
     }
 
-    /// Fixes the deadlines for an insertion at `now` that lives `ttl`.
+    /// Fixes the deadlines for an insertion at `now` that lives `ttl` (saturating: a duration
+    /// decoded from foreign bytes can be anything, and a deadline never panics).
     fn stamp(&mut self, now: Instant, ttl: Duration) {
         self.inserted_at = now;
-        self.expires_at = now + ttl;
+        self.expires_at = later(now, ttl);
         self.fresh_until = self.compute_fresh_until();
     }
 
     fn compute_fresh_until(&self) -> Instant {
         match self.fresh_for {
-            Some(f) => (self.inserted_at + f).min(self.expires_at),
+            Some(f) => later(self.inserted_at, f).min(self.expires_at),
             None => self.expires_at,
         }
     }
@@ -491,4 +492,10 @@ mod send_tests {
         fn is_send_sync<T: Send + Sync>(_: &T) {}
         is_send_sync(&cache);
     }
+}
+
+/// `at + d`, capped at a century after `at` (and at `at` itself should even that overflow).
+fn later(at: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+    at.checked_add(d.min(CENTURY)).unwrap_or(at)
 }

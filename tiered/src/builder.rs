@@ -13,11 +13,17 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::breaker::Breaker;
-use crate::cache::{Counters, Inner, Lifeline, TieredCache, Writes};
+use crate::cache::{Counters, Inner, Lifeline, TieredCache};
+use crate::coherence::Admission;
 use crate::error::{Error, Result};
 use crate::flight::Flights;
 use crate::options::EntryOptions;
 
+/// The default longest key: see [`TieredCacheBuilder::max_key_len`].
+pub const DEFAULT_MAX_KEY_LEN: usize = 16 * 1024;
+/// The longest key any cache accepts: an invalidation message carries a key's length in
+/// 16 bits, with room to spare for escaping.
+pub const MAX_KEY_LEN: usize = 60_000;
 /// The default lock TTL: see [`TieredCacheBuilder::lock_time_to_live`].
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(3);
 /// The default maximum load time: see [`TieredCacheBuilder::max_load_time`].
@@ -32,6 +38,7 @@ pub struct TieredCacheBuilder<V> {
     namespace: Option<String>,
     schema_version: Option<u32>,
     type_name: Option<String>,
+    max_key_len: usize,
     redis_url: Option<String>,
     redis_cluster: Option<Vec<String>>,
     tls_root_certificate: Option<Vec<u8>>,
@@ -75,6 +82,7 @@ where
             namespace: None,
             schema_version: None,
             type_name: None,
+            max_key_len: DEFAULT_MAX_KEY_LEN,
             redis_url: None,
             redis_cluster: None,
             tls_root_certificate: None,
@@ -112,9 +120,21 @@ where
     }
 
     /// The name written into every entry as its type tag; a reader with another name treats
-    /// the entry as foreign (a counted miss). Default: the namespace.
+    /// the entry as foreign (a counted miss, and the entry is evicted). Default: the Rust
+    /// type's name (`std::any::type_name::<V>()`) and the schema version, so two value types
+    /// in one namespace never decode each other's bytes. Set it when processes built from
+    /// different crates (or compiler versions, which may spell type names differently) share
+    /// a namespace, for example `"myapp.User"`.
     pub fn type_name(mut self, name: impl Into<String>) -> Self {
         self.type_name = Some(name.into());
+        self
+    }
+
+    /// The longest key, in bytes, that calls accept; a longer one is
+    /// [`Error::KeyTooLong`] on every entry point, before anything is read or written.
+    /// Default: [`DEFAULT_MAX_KEY_LEN`] (16 KiB); at most [`MAX_KEY_LEN`].
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.max_key_len = bytes;
         self
     }
 
@@ -260,6 +280,25 @@ where
         self.defaults
             .validate()
             .map_err(|e| Error::Config(format!("default_options: {e}")))?;
+        if self.max_key_len == 0 || self.max_key_len > MAX_KEY_LEN {
+            return Err(Error::Config(format!(
+                "max_key_len must be between 1 and {MAX_KEY_LEN} bytes (got {})",
+                self.max_key_len
+            )));
+        }
+        for (name, d) in [
+            ("lock_time_to_live", self.lock_ttl),
+            ("max_load_time", self.max_load_time),
+            ("circuit_breaker cooldown", self.breaker_cooldown),
+            ("l2_timeout", self.l2_timeout),
+        ] {
+            if d > crate::MAX_OPTION_DURATION {
+                return Err(Error::Config(format!(
+                    "{name} must be at most {:?} (got {d:?})",
+                    crate::MAX_OPTION_DURATION
+                )));
+            }
+        }
         if self.lock_ttl < Duration::from_millis(3) {
             return Err(Error::Config(
                 "lock_time_to_live must be at least 3 ms".into(),
@@ -321,7 +360,13 @@ where
             .map_err(|e| rights(&space, e))?;
         let channel = invalidation::channel_for(&space);
         let publisher = bus.publisher(&channel);
-        let tag = TypeTag::from_name(self.type_name.as_deref().unwrap_or(&namespace));
+        let tag = TypeTag::from_name(&self.type_name.unwrap_or_else(|| {
+            format!(
+                "{}/v{}",
+                std::any::type_name::<V>(),
+                self.schema_version.unwrap_or(0)
+            )
+        }));
         let codec = Codec::new(tag).max_size(self.max_value_bytes);
         let mut l1 = LocalCache::builder().max_bytes(self.l1_max_bytes);
         if let Some(n) = self.l1_max_entries {
@@ -329,6 +374,7 @@ where
         }
         let l1 = l1.build();
         let (tx, rx) = watch::channel(());
+        let admission = Admission::new();
         let inner = Inner {
             namespace: namespace.into(),
             space,
@@ -341,13 +387,14 @@ where
             max_load_time: self.max_load_time,
             breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
             closed: rx,
-            loads: Flights::new(),
-            reads: Flights::new(),
+            loads: Flights::new(&admission),
+            reads: Flights::new(&admission),
             counters: Counters::default(),
             publisher,
             bus: bus.clone(),
             lease: bus.lease().clone(),
-            writes: Writes::default(),
+            admission,
+            max_key_len: self.max_key_len,
             hit_ratio_floor: self.hit_ratio_floor,
             trace_keys: self.trace_keys,
         };

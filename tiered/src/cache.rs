@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::breaker::{Breaker, BreakerState};
+use crate::coherence::Admission;
 use crate::error::{Error, Result};
 use crate::flight::{FlightToken, Flights};
 use crate::options::EntryOptions;
@@ -107,7 +108,7 @@ impl<V: Clone> Fallback<V> {
             value: held.value.clone(),
             version: entry.write_version(),
             fresh: now < held.fresh_until,
-            in_swr: now < held.fresh_until + opts.swr,
+            in_swr: now < later(held.fresh_until, opts.swr),
         }
     }
 
@@ -250,60 +251,6 @@ impl CacheStats {
     }
 }
 
-/// The newest version other nodes announced for keys this node is writing, so a write whose
-/// announcement was overtaken does not put its older value in L1.
-#[derive(Debug, Default)]
-pub(crate) struct Writes {
-    // key -> (highest version written since the first write began, writers)
-    keys: std::sync::Mutex<HashMap<Arc<str>, (u64, usize)>>,
-}
-
-impl Writes {
-    // Short critical sections, no `.await`; a poisoned map is still consistent.
-    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, (u64, usize)>> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn begin(&self, key: &str) -> WriteWatch<'_> {
-        let key: Arc<str> = key.into();
-        self.keys().entry(Arc::clone(&key)).or_insert((0, 0)).1 += 1;
-        WriteWatch { writes: self, key }
-    }
-
-    /// `version` of `key` was written: announced by another node, or acknowledged to
-    /// another caller of this one (own announcements are skipped on arrival, so a `set`
-    /// racing a newer `set` or `invalidate` of this node's would otherwise not see it).
-    pub(crate) fn announced(&self, key: &str, version: u64) {
-        if let Some(e) = self.keys().get_mut(key) {
-            e.0 = e.0.max(version);
-        }
-    }
-}
-
-/// One write's watch on announcements, from [`Writes::begin`].
-pub(crate) struct WriteWatch<'a> {
-    writes: &'a Writes,
-    key: Arc<str>,
-}
-
-impl WriteWatch<'_> {
-    fn floor(&self) -> u64 {
-        self.writes.keys().get(&self.key).map_or(0, |e| e.0)
-    }
-}
-
-impl Drop for WriteWatch<'_> {
-    fn drop(&mut self) {
-        let mut keys = self.writes.keys();
-        if let Some(e) = keys.get_mut(&self.key) {
-            e.1 -= 1;
-            if e.1 == 0 {
-                keys.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// Everything a cache handle shares with its background tasks.
 pub(crate) struct Inner<V> {
     pub(crate) namespace: Arc<str>,
@@ -324,7 +271,10 @@ pub(crate) struct Inner<V> {
     pub(crate) bus: invalidation::Bus,
     /// The bus's lease: L1 answers only while it holds.
     pub(crate) lease: invalidation::Lease,
-    pub(crate) writes: Writes,
+    /// The one owner of L1 admission (see `coherence`).
+    pub(crate) admission: Arc<Admission>,
+    /// The longest key calls accept.
+    pub(crate) max_key_len: usize,
     pub(crate) hit_ratio_floor: f64,
     pub(crate) trace_keys: bool,
 }
@@ -392,6 +342,15 @@ impl<V> fmt::Debug for TieredCache<V> {
     }
 }
 
+/// `at + d`, or a century after `at` when that overflows: durations decoded from Redis bytes
+/// can be anything, and deadlines never panic.
+pub(crate) fn later(at: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+    at.checked_add(d.min(CENTURY))
+        .or_else(|| at.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(at)
+}
+
 fn found<V>(key: &str, value: Option<V>) -> Result<V> {
     value.ok_or_else(|| Error::NotFound {
         key: key.to_string(),
@@ -419,6 +378,7 @@ where
         T: Into<Loaded<V>>,
         E: Into<BoxError>,
     {
+        self.inner.check_key(key)?;
         self.lookup_or_load(key, &self.inner.defaults, load).await
     }
 
@@ -465,6 +425,8 @@ where
         T: Into<Loaded<V>>,
         E: Into<BoxError>,
     {
+        self.inner.check_key(key)?;
+        options.check()?;
         self.lookup_or_load(key, &options, load).await
     }
 
@@ -525,7 +487,8 @@ where
     /// [`Error::L2`] or [`Error::CircuitOpen`] when the value is not in L1 and Redis cannot
     /// be asked ([`Error::is_unavailable`]).
     pub async fn get(&self, key: &str) -> Result<Option<V>> {
-        self.get_with(key, self.inner.defaults).await
+        self.inner.check_key(key)?;
+        self.read(key, &self.inner.defaults).await
     }
 
     /// As [`TieredCache::get`], with `options`.
@@ -533,7 +496,13 @@ where
     /// # Errors
     /// As [`TieredCache::get`].
     pub async fn get_with(&self, key: &str, options: EntryOptions) -> Result<Option<V>> {
-        match self.inner.l1_lookup(key, &options) {
+        self.inner.check_key(key)?;
+        options.check()?;
+        self.read(key, &options).await
+    }
+
+    async fn read(&self, key: &str, options: &EntryOptions) -> Result<Option<V>> {
+        match self.inner.l1_lookup(key, options) {
             Ok(hit) => {
                 if tracing::level_enabled!(tracing::Level::DEBUG) {
                     let span = self.inner.span("get", key);
@@ -543,7 +512,7 @@ where
             }
             Err(candidate) => {
                 let span = self.inner.span("get", key);
-                let result = Box::pin(self.inner.slow(key, options, None, candidate))
+                let result = Box::pin(self.inner.slow(key, *options, None, candidate))
                     .instrument(span.clone())
                     .await;
                 trace::outcome(&span, &result);
@@ -571,63 +540,33 @@ where
     /// # Errors
     /// As [`TieredCache::set`].
     pub async fn set_with(&self, key: &str, value: &V, options: EntryOptions) -> Result<u64> {
+        self.inner.check_key(key)?;
+        options.check()?;
         let span = self.inner.span("set", key);
-        let result = self
-            .set_inner(key, value, options)
-            .instrument(span.clone())
-            .await;
+        let result = self.set_inner(key, value, options, &span).await;
         trace::outcome(&span, &result);
         result
     }
 
-    async fn set_inner(&self, key: &str, value: &V, options: EntryOptions) -> Result<u64> {
-        let inner = &self.inner;
-        // Announcements from other nodes that arrive while this write is on its way must keep
-        // its (then older) value out of L1: watch for them from before the write.
-        let watch = inner.writes.begin(key);
-        inner.detach(key);
+    async fn set_inner(
+        &self,
+        key: &str,
+        value: &V,
+        options: EntryOptions,
+        span: &tracing::Span,
+    ) -> Result<u64> {
         let meta = options.value_meta(None);
-        let (fresh, life) = (meta.fresh_for, meta.stale_for);
-        let bytes = inner.codec.encode(value, &meta)?;
-        let mut version = 0;
-        if !options.skip_l2 {
-            let rkey = inner.space.key(key);
-            let message = inner.publisher.evict(key);
-            let announce = Announce {
-                channel: inner.publisher.channel(),
-                message: &message,
-            };
-            let written = inner
-                .store
-                .overwrite(&rkey, &bytes, life, Some(announce))
-                .await;
-            inner.note_l2(written.as_ref().err());
-            match written {
-                Ok(v) => {
-                    version = v;
-                    inner.writes.announced(key, v);
-                    bump(&inner.counters.invalidations_sent);
-                }
-                Err(e) => {
-                    inner.detach(key);
-                    inner.l1.invalidate(key);
-                    return Err(e.into());
-                }
-            }
-        }
-        // Loads that started while the write was on its way read the old value: detach them
-        // again before filling L1.
-        inner.detach(key);
-        if !options.skip_l1 && watch.floor() <= version {
-            let entry = inner
-                .entry(Some(value.clone()), bytes.len(), fresh, life, &options)
-                .version(version);
-            inner.l1.insert(Arc::<str>::from(key), entry);
-            if watch.floor() > version {
-                inner.l1.invalidate(key);
-            }
-        }
-        Ok(version)
+        let bytes = self.inner.codec.encode(value, &meta)?;
+        let value = (!options.skip_l1).then(|| value.clone());
+        // Once begun, a write runs to its end on its own task: a caller that gives up (a
+        // timeout, a dropped future) cannot leave L2 changed and this node's L1 behind it.
+        let inner = Arc::clone(&self.inner);
+        let key: Arc<str> = key.into();
+        finish_detached(
+            async move { inner.write(key, bytes, value, meta, options).await }
+                .instrument(span.clone()),
+        )
+        .await
     }
 
     /// Removes `key` from L2 (leaving a tombstone that keeps its version, and breaking any
@@ -640,40 +579,15 @@ where
     /// # Errors
     /// [`Error::L2`] if Redis does not acknowledge the delete (L1 is cleared anyway).
     pub async fn invalidate(&self, key: &str) -> Result<u64> {
+        self.inner.check_key(key)?;
         let span = self.inner.span("invalidate", key);
-        let result = self.invalidate_inner(key).instrument(span.clone()).await;
+        let inner = Arc::clone(&self.inner);
+        let key: Arc<str> = key.into();
+        // As `set`: runs to its end whatever happens to the caller.
+        let result =
+            finish_detached(async move { inner.remove(key).await }.instrument(span.clone())).await;
         trace::outcome(&span, &result);
         result
-    }
-
-    async fn invalidate_inner(&self, key: &str) -> Result<u64> {
-        let inner = &self.inner;
-        inner.detach(key);
-        inner.l1.invalidate(key);
-        let message = inner.publisher.evict(key);
-        let announce = Announce {
-            channel: inner.publisher.channel(),
-            message: &message,
-        };
-        let removed = inner
-            .store
-            .remove(
-                &inner.space.key(key),
-                inner.defaults.l2_time_to_live(),
-                Some(announce),
-            )
-            .await;
-        inner.note_l2(removed.as_ref().err());
-        // The floor first: a concurrent `set` of this node that fills L1 after the
-        // invalidation below sees it when it re-checks, and drops its older value.
-        if let Ok(removal) = &removed {
-            inner.writes.announced(key, removal.version);
-        }
-        inner.detach(key);
-        inner.l1.invalidate(key);
-        let removal = removed?;
-        bump(&inner.counters.invalidations_sent);
-        Ok(removal.version)
     }
 
     /// Deletes every entry of this namespace from L2 (`SCAN` + `UNLINK`, never `KEYS`), then
@@ -685,29 +599,13 @@ where
     /// told as soon as the delete is done.
     pub async fn clear(&self) -> Result<u64> {
         let span = trace::span_all("clear", &self.inner.namespace);
-        let result = self.clear_inner().instrument(span.clone()).await;
+        let inner = Arc::clone(&self.inner);
+        // As `set`: runs to its end whatever happens to the caller, so the other nodes hear
+        // of a delete that began.
+        let result =
+            finish_detached(async move { inner.clear().await }.instrument(span.clone())).await;
         trace::outcome(&span, &result);
         result
-    }
-
-    async fn clear_inner(&self) -> Result<u64> {
-        let inner = &self.inner;
-        self.invalidate_local();
-        let deleted = inner.store.clear(&inner.space).await;
-        inner.note_l2(deleted.as_ref().err());
-        let deleted = deleted?;
-        let published = inner
-            .store
-            .publish(
-                inner.publisher.channel(),
-                &inner.publisher.clear_namespace(),
-            )
-            .await;
-        inner.note_l2(published.as_ref().err());
-        published?;
-        self.invalidate_local();
-        bump(&inner.counters.invalidations_sent);
-        Ok(deleted)
     }
 
     /// Drops every entry of this cache from this process's L1 (L2 is untouched).
@@ -743,6 +641,9 @@ where
         I: IntoIterator<Item = (String, V)>,
         E: Into<BoxError>,
     {
+        for key in keys {
+            self.inner.check_key(key.as_ref())?;
+        }
         let span = trace::span_all("get_or_set_many", &self.inner.namespace);
         let result = crate::batch::get_or_set_many(self, keys, self.inner.defaults, load)
             .instrument(span.clone())
@@ -887,6 +788,22 @@ where
     }
 }
 
+/// Runs `change` to its end on a task of its own and waits for it: dropping the returned
+/// future stops the waiting, never the change halfway (its L2 write and its L1 update belong
+/// together). Without a runtime to spawn on, runs it inline.
+async fn finish_detached<T: Send + 'static>(
+    change: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => match rt.spawn(change).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Error::Shutdown),
+        },
+        Err(_) => change.await,
+    }
+}
+
 /// What one L2 read found.
 enum L2Read<V> {
     Fresh(Fetched<Option<V>>),
@@ -976,7 +893,7 @@ where
         let held = entry.value();
         let now = Instant::now();
         if options.swr.is_zero()
-            || now >= held.fresh_until + options.swr
+            || now >= later(held.fresh_until, options.swr)
             || !self.lease.holds_at(now)
         {
             return None;
@@ -988,29 +905,154 @@ where
         Some(held.value.clone())
     }
 
+    /// Refuses a key longer than the cache's maximum, before anything is read or written.
+    pub(crate) fn check_key(&self, key: &str) -> Result<()> {
+        if key.len() > self.max_key_len {
+            return Err(Error::KeyTooLong {
+                len: key.len(),
+                max: self.max_key_len,
+            });
+        }
+        Ok(())
+    }
+
     /// A span for operation `op` on `key` (see [`trace`]).
     fn span(&self, op: &'static str, key: &str) -> tracing::Span {
         trace::span(op, &self.namespace, key, self.trace_keys)
     }
 
-    /// Drops this node's L1 and detaches every load in flight.
+    /// Drops this node's L1 and detaches every load in flight (none of them may fill L1).
     pub(crate) fn invalidate_local(&self) {
-        self.loads.invalidate_all();
-        self.reads.invalidate_all();
+        self.loads.detach_all();
+        self.reads.detach_all();
+        self.admission.revoke_all();
         self.l1.invalidate_all();
     }
 
-    /// Detaches loads and reads in flight for `key` after another node announced write
-    /// `version`: their results reach L1 only if at least that new.
-    pub(crate) fn detach_below(&self, key: &str, version: u64) {
-        self.loads.invalidate_below(key, version);
-        self.reads.invalidate_below(key, version);
+    /// Detaches loads and reads in flight for `key` (later callers do not join them).
+    pub(crate) fn detach(&self, key: &str) {
+        self.loads.detach(key);
+        self.reads.detach(key);
     }
 
-    /// Detaches loads and reads in flight for `key`: their results must not reach L1.
-    pub(crate) fn detach(&self, key: &str) {
-        self.loads.invalidate(key);
-        self.reads.invalidate(key);
+    /// The body of `set`: writes L2 (announcing the change and breaking any load's lock), then
+    /// this node's L1, under a write ticket taken before anything else.
+    async fn write(
+        self: Arc<Self>,
+        key: Arc<str>,
+        bytes: Vec<u8>,
+        value: Option<V>,
+        meta: EntryMeta,
+        options: EntryOptions,
+    ) -> Result<u64> {
+        // Fills that began earlier read the old value: revoked. Announcements that arrive
+        // while this write is on its way keep its (then older) value out of L1.
+        let ticket = self.admission.begin_write(&key);
+        self.detach(&key);
+        let (fresh, life) = (meta.fresh_for, meta.stale_for);
+        let weight = bytes.len();
+        let mut version = 0;
+        if !options.skip_l2 {
+            let message = self.publisher.evict(&key);
+            let written = self
+                .store
+                .overwrite(
+                    &self.space.key(&key),
+                    &bytes,
+                    life,
+                    Some(self.announce(&message)),
+                )
+                .await;
+            self.note_l2(written.as_ref().err());
+            match written {
+                Ok(v) => {
+                    version = v;
+                    // Before the L1 insert: an older write of this node's that finishes later
+                    // keeps its value out.
+                    self.admission.announced(&key, v);
+                    bump(&self.counters.invalidations_sent);
+                }
+                Err(e) => {
+                    // Whether it reached Redis is unknown: this node forgets the key.
+                    self.admission.revoke(&key);
+                    self.detach(&key);
+                    self.l1.invalidate(&*key);
+                    return Err(e.into());
+                }
+            }
+        }
+        // Loads that began while the write was on its way read the old value: callers from
+        // now on do not join them (their tickets refuse it already).
+        self.detach(&key);
+        match value {
+            Some(value) => {
+                let entry = self
+                    .entry(Some(value), weight, fresh, life, &options)
+                    .version(version);
+                Admission::admit(&self.l1, &key, &ticket, entry);
+            }
+            // `skip_l1`: this node keeps no copy, so none older than the write either.
+            None => self.l1.invalidate(&*key),
+        }
+        Ok(version)
+    }
+
+    /// The body of `invalidate`: a tombstone in L2 (announced, breaking any load's lock), and
+    /// the key out of this node's L1, before and after.
+    async fn remove(self: Arc<Self>, key: Arc<str>) -> Result<u64> {
+        let ticket = self.admission.begin_write(&key);
+        self.detach(&key);
+        self.l1.invalidate(&*key);
+        let message = self.publisher.evict(&key);
+        let removed = self
+            .store
+            .remove(
+                &self.space.key(&key),
+                self.defaults.l2_time_to_live(),
+                Some(self.announce(&message)),
+            )
+            .await;
+        self.note_l2(removed.as_ref().err());
+        // The floor first: a concurrent `set` of this node that fills L1 after the
+        // invalidation below sees it when it re-checks, and drops its older value. A delete
+        // whose outcome is unknown revokes instead.
+        match &removed {
+            Ok(removal) => self.admission.announced(&key, removal.version),
+            Err(_) => self.admission.revoke(&key),
+        }
+        drop(ticket);
+        self.detach(&key);
+        self.l1.invalidate(&*key);
+        let removal = removed?;
+        bump(&self.counters.invalidations_sent);
+        Ok(removal.version)
+    }
+
+    /// The body of `clear`: this node's L1 out, the namespace's keys out of L2, then the
+    /// announcement, then this node's L1 again (fills that read before the delete).
+    async fn clear(self: Arc<Self>) -> Result<u64> {
+        self.invalidate_local();
+        let deleted = self.store.clear(&self.space).await;
+        self.note_l2(deleted.as_ref().err());
+        let deleted = deleted?;
+        let published = self
+            .store
+            .publish(self.publisher.channel(), &self.publisher.clear_namespace())
+            .await;
+        self.note_l2(published.as_ref().err());
+        self.invalidate_local();
+        published?;
+        bump(&self.counters.invalidations_sent);
+        Ok(deleted)
+    }
+
+    /// The announcement of a change: `message` on this cache's channel, sent by the script
+    /// that makes the change.
+    fn announce<'a>(&'a self, message: &'a [u8]) -> Announce<'a> {
+        Announce {
+            channel: self.publisher.channel(),
+            message,
+        }
     }
 
     /// The bytes a loaded result is written as: the value, or an "absent" marker.
@@ -1044,7 +1086,7 @@ where
         let now = Instant::now();
         let held = Held {
             value,
-            fresh_until: now + fresh,
+            fresh_until: later(now, fresh),
         };
         Entry::new(Arc::clone(&self.namespace), held)
             .weight(weight)
@@ -1063,7 +1105,7 @@ where
         let life = f.remaining.unwrap_or(f.meta.stale_for);
         let held = Held {
             value: f.value.clone(),
-            fresh_until: now + fresh,
+            fresh_until: later(now, fresh),
         };
         Entry::new(Arc::clone(&self.namespace), held)
             .weight(f.size)
@@ -1072,7 +1114,7 @@ where
             .version(f.meta.write_version)
     }
 
-    /// Puts `entry` in L1 unless the flight was detached (before, or while inserting).
+    /// Puts `entry` in L1 if the flight's ticket admits it (see `coherence`).
     pub(crate) async fn fill(
         &self,
         key: &Arc<str>,
@@ -1080,13 +1122,8 @@ where
         opts: &EntryOptions,
         token: &FlightToken<Option<V>>,
     ) {
-        let version = entry.write_version();
-        if opts.skip_l1 || !token.admits(version) {
-            return;
-        }
-        self.l1.insert(Arc::clone(key), entry);
-        if !token.admits(version) {
-            self.l1.invalidate(&**key);
+        if !opts.skip_l1 {
+            Admission::admit(&self.l1, key, token.ticket(), entry);
         }
     }
 

@@ -1,8 +1,29 @@
-//! How a cache acts on the invalidation bus: evictions from other nodes, clears and gaps.
+//! Coherence: the one owner of L1 admission, and how a cache acts on the invalidation bus.
+//!
+//! # The admission rule
+//! Every path that may put a value in L1 (a load, an L2 read, a write, a fail-safe fill) holds
+//! a [`Ticket`] for its key, taken before it reads or writes anything. One rule decides what a
+//! ticket may insert: **a fill that began before write version v of its key was announced may
+//! only insert a version ≥ v**, and a fill that began before a local change of the key
+//! (`set`, `invalidate`, `clear`, a gap) may insert nothing. Announcements are peers' messages,
+//! this node's own messages (so a write whose caller went away, or whose L1 insert lost a race,
+//! is still repaired when its message comes back), and this node's own acknowledged writes and
+//! deletes (raised at once, before the message, so a `set` that finished after a newer `set` or
+//! `invalidate` by another caller of this node keeps its older value out).
+//!
+//! Checks are made twice: before the insert (the usual refusal) and after it (an announcement
+//! that landed in between takes the value out again). Between the two, another insert may have
+//! been overwritten and is then dropped too: a miss, never a stale read.
+//!
+//! Memory: a key has tickets only while a fill or write of it runs; a ticket deregisters itself
+//! when dropped, however its holder ends (finished, cancelled, panicked).
 
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use invalidation::{Bus, Event};
+use l1::{Entry, LocalCache};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -38,21 +59,26 @@ where
     match event {
         Event::Evict(evictions) => {
             for e in evictions {
-                // Our own announcement: our L1 already holds what we wrote.
-                if e.origin == own {
-                    continue;
+                // Loads that began before this change may carry the value from before it:
+                // callers from now on do not join them. Our own writes detached theirs when
+                // they began.
+                if e.origin != own {
+                    inner.loads.detach(&e.key);
+                    inner.reads.detach(&e.key);
                 }
-                // A fill in flight may carry the value from before this change.
-                inner.detach_below(&e.key, e.version);
-                inner.writes.announced(&e.key, e.version);
-                if let Some(entry) = inner.l1.get(e.key.as_str())
-                    && entry.write_version() >= e.version
+                // Our own messages too: a write whose caller went away, or whose L1 insert
+                // lost a race, is repaired here.
+                match inner
+                    .admission
+                    .on_announcement(&inner.l1, &e.key, e.version)
                 {
-                    bump(&c.invalidations_ignored);
-                    continue;
+                    Announced::Kept => bump(&c.invalidations_ignored),
+                    Announced::Evicted => bump(&c.invalidations_received),
+                    // Counted as before for other nodes' changes; our own message finding
+                    // nothing is no news (it may overtake the write's own L1 insert).
+                    Announced::Absent if e.origin != own => bump(&c.invalidations_received),
+                    Announced::Absent => {}
                 }
-                inner.l1.invalidate(e.key.as_str());
-                bump(&c.invalidations_received);
             }
         }
         Event::ClearNamespace { origin } | Event::ClearAll { origin } => {
@@ -66,5 +92,273 @@ where
             bump(&c.gaps);
         }
         _ => inner.invalidate_local(),
+    }
+}
+
+/// Admission state of one ticket: the lowest write version it may still insert.
+/// [`REVOKED`] refuses everything.
+type Floor = Arc<AtomicU64>;
+
+const REVOKED: u64 = u64::MAX;
+
+/// The tickets of every key being filled or written, and the rule they follow (see the module
+/// docs). One per cache.
+#[derive(Debug, Default)]
+pub(crate) struct Admission {
+    keys: Mutex<HashMap<Arc<str>, Vec<(u64, Floor)>>>,
+    next_id: AtomicU64,
+}
+
+impl Admission {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Admission::default())
+    }
+
+    // Short critical sections, no `.await` inside; a poisoned map is still consistent.
+    fn keys(&self) -> MutexGuard<'_, HashMap<Arc<str>, Vec<(u64, Floor)>>> {
+        lock(&self.keys)
+    }
+
+    /// A ticket for a fill of `key` that begins now.
+    pub(crate) fn begin(self: &Arc<Self>, key: &str) -> Ticket {
+        self.register(key, false)
+    }
+
+    /// A ticket for a local write of `key` that begins now: every fill that began earlier is
+    /// revoked (what it read is older than this write), in the same step.
+    pub(crate) fn begin_write(self: &Arc<Self>, key: &str) -> Ticket {
+        self.register(key, true)
+    }
+
+    fn register(self: &Arc<Self>, key: &str, revoke_others: bool) -> Ticket {
+        let floor: Floor = Arc::new(AtomicU64::new(0));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut keys = self.keys();
+        let key: Arc<str> = match keys.get_key_value(key) {
+            Some((k, _)) => Arc::clone(k),
+            None => Arc::from(key),
+        };
+        let list = keys.entry(Arc::clone(&key)).or_default();
+        if revoke_others {
+            for (_, f) in list.iter() {
+                f.store(REVOKED, Ordering::Release);
+            }
+        }
+        list.push((id, Arc::clone(&floor)));
+        drop(keys);
+        Ticket {
+            admission: Arc::clone(self),
+            key,
+            id,
+            floor,
+        }
+    }
+
+    /// Write version `version` of `key` exists (announced by any node, or acknowledged to a
+    /// caller of this one): fills that began earlier may only insert a version at least as new.
+    pub(crate) fn announced(&self, key: &str, version: u64) {
+        if let Some(list) = self.keys().get(key) {
+            for (_, f) in list {
+                f.fetch_max(version, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// `key` changed here in a way no version describes (a delete whose outcome is unknown, a
+    /// failed write): fills that began earlier may insert nothing.
+    pub(crate) fn revoke(&self, key: &str) {
+        if let Some(list) = self.keys().get(key) {
+            for (_, f) in list {
+                f.store(REVOKED, Ordering::Release);
+            }
+        }
+    }
+
+    /// Every key changed (a clear, a gap): no fill that began earlier may insert anything.
+    pub(crate) fn revoke_all(&self) {
+        for list in self.keys().values() {
+            for (_, f) in list {
+                f.store(REVOKED, Ordering::Release);
+            }
+        }
+    }
+
+    /// How many keys have fills or writes running (a diagnostic, and the memory bound's test).
+    #[cfg(test)]
+    pub(crate) fn keys_tracked(&self) -> usize {
+        self.keys().len()
+    }
+
+    fn deregister(&self, key: &str, id: u64) {
+        let mut keys = self.keys();
+        if let Some(list) = keys.get_mut(key) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                keys.remove(key);
+            }
+        }
+    }
+
+    /// Puts `entry` in L1 under `key` if `ticket` admits its version, and takes it out again if
+    /// an announcement raised the ticket's floor while it was being inserted.
+    pub(crate) fn admit<V: Send + Sync + 'static>(
+        l1: &LocalCache<V>,
+        key: &Arc<str>,
+        ticket: &Ticket,
+        entry: Entry<V>,
+    ) {
+        let version = entry.write_version();
+        if !ticket.admits(version) {
+            return;
+        }
+        l1.insert(Arc::clone(key), entry);
+        if !ticket.admits(version) {
+            l1.invalidate(&**key);
+        }
+    }
+
+    /// Acts on an announcement of write `version` of `key` (from any node, this one included):
+    /// fills that began earlier may only insert that version or newer, and the L1 copy goes
+    /// unless it is at least that new.
+    pub(crate) fn on_announcement<V: Send + Sync + 'static>(
+        &self,
+        l1: &LocalCache<V>,
+        key: &str,
+        version: u64,
+    ) -> Announced {
+        self.announced(key, version);
+        match l1.get(key) {
+            Some(entry) if entry.write_version() >= version => Announced::Kept,
+            Some(_) => {
+                l1.invalidate(key);
+                Announced::Evicted
+            }
+            None => {
+                // Not there now; a fill that raced the check is covered by its ticket.
+                l1.invalidate(key);
+                Announced::Absent
+            }
+        }
+    }
+}
+
+/// What an announcement did to this node's L1 copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Announced {
+    /// The copy was at least as new: kept.
+    Kept,
+    /// The copy was older: evicted.
+    Evicted,
+    /// There was no copy.
+    Absent,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The right of one fill or write to put its key in L1, under [`Admission`]'s rule.
+/// Deregisters itself when dropped.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    admission: Arc<Admission>,
+    key: Arc<str>,
+    id: u64,
+    floor: Floor,
+}
+
+impl Ticket {
+    /// Whether a value of write version `version` may go into L1 now.
+    pub(crate) fn admits(&self, version: u64) -> bool {
+        let floor = self.floor.load(Ordering::Acquire);
+        floor != REVOKED && version >= floor
+    }
+
+    /// Whether a local change revoked this ticket (nothing may be inserted).
+    #[cfg(test)]
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.floor.load(Ordering::Acquire) == REVOKED
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.deregister(&self.key, self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l1() -> LocalCache<u32> {
+        LocalCache::builder().max_bytes(1 << 20).build()
+    }
+
+    fn entry(version: u64) -> Entry<u32> {
+        Entry::new("ns", 7).version(version)
+    }
+
+    #[test]
+    fn a_fill_that_began_before_an_announcement_inserts_only_that_version_or_newer() {
+        let admission = Admission::new();
+        let cache = l1();
+        let key: Arc<str> = "k".into();
+        let fill = admission.begin("k");
+        admission.on_announcement(&cache, "k", 20);
+        Admission::admit(&cache, &key, &fill, entry(19));
+        assert!(cache.get("k").is_none(), "an older read stays out");
+        Admission::admit(&cache, &key, &fill, entry(20));
+        assert_eq!(cache.get("k").map(|e| e.write_version()), Some(20));
+        // A later fill is not held back by an announcement it came after.
+        let later = admission.begin("k");
+        assert!(later.admits(1));
+    }
+
+    #[test]
+    fn a_local_write_revokes_every_fill_that_began_before_it_and_only_those() {
+        let admission = Admission::new();
+        let before = admission.begin("k");
+        let other_key = admission.begin("j");
+        let write = admission.begin_write("k");
+        let after = admission.begin("k");
+        assert!(!before.admits(u64::MAX - 1), "revoked");
+        assert!(write.admits(5) && after.admits(5) && other_key.admits(5));
+        admission.revoke_all();
+        assert!(!write.admits(5) && !after.admits(5) && !other_key.admits(5));
+    }
+
+    #[test]
+    fn an_announcement_keeps_a_copy_at_least_as_new_and_evicts_an_older_one() {
+        let admission = Admission::new();
+        let cache = l1();
+        cache.insert(Arc::from("k"), entry(10));
+        assert_eq!(admission.on_announcement(&cache, "k", 10), Announced::Kept);
+        assert_eq!(
+            admission.on_announcement(&cache, "k", 11),
+            Announced::Evicted
+        );
+        assert_eq!(
+            admission.on_announcement(&cache, "k", 12),
+            Announced::Absent
+        );
+        // A forged version at the very top is a refusal, never a panic.
+        let fill = admission.begin("k");
+        admission.announced("k", u64::MAX);
+        assert!(!fill.admits(u64::MAX - 1));
+    }
+
+    #[test]
+    fn tickets_leave_nothing_behind_however_many_keys_were_filled() {
+        let admission = Admission::new();
+        let tickets: Vec<Ticket> = (0..10_000)
+            .map(|i| admission.begin(&format!("k{i}")))
+            .collect();
+        assert_eq!(admission.keys_tracked(), 10_000);
+        for i in 0..10_000 {
+            admission.announced(&format!("k{i}"), 3);
+        }
+        drop(tickets);
+        assert_eq!(admission.keys_tracked(), 0, "bounded by what is in flight");
     }
 }

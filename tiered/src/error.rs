@@ -40,6 +40,20 @@ pub enum Error {
     /// The cache was configured wrongly; the message names the setting.
     #[error("invalid cache configuration: {0}")]
     Config(String),
+    /// The key is longer than the cache's maximum key length
+    /// ([`TieredCacheBuilder::max_key_len`](crate::TieredCacheBuilder::max_key_len)); nothing
+    /// was read or written.
+    #[error("key of {len} bytes is longer than the maximum of {max} bytes")]
+    KeyTooLong {
+        /// The key's length in bytes.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The runtime shut down before a change that had begun could finish; whether it reached
+    /// Redis is unknown.
+    #[error("the runtime shut down before the change finished")]
+    Shutdown,
     /// A caller gave up waiting for a load (its own or one it joined).
     #[error("gave up after {waited:?} waiting for the load of `{key}`")]
     WaitTimeout {

@@ -2,39 +2,37 @@
 //!
 //! Each load runs on its own task, so no caller owns it: a leader that is cancelled or times
 //! out strands nobody, and a panicking loader ends as [`Error::LoadAborted`] for every waiter.
-//! Invalidating a key detaches its flight: callers that arrive afterwards start a new load
-//! instead of joining the old one, and the old load's [`FlightToken`] tells it not to fill L1
-//! (moka's `get_with` alone joins such callers to the pre-invalidation load).
+//! A change of a key detaches its flight ([`Flights::detach`]): callers that arrive afterwards
+//! start a new load instead of joining the old one (moka's `get_with` alone joins such callers
+//! to the pre-invalidation load). Whether the old load may still fill L1 is not decided here:
+//! each flight holds a [`Ticket`] of the cache's [`Admission`], the one owner of that rule.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::coherence::{Admission, Ticket};
 use crate::error::{Error, Result};
 
 type Outcome<V> = Option<Result<V>>;
 
 struct Slot<V> {
     id: u64,
-    token: FlightToken<V>,
     rx: watch::Receiver<Outcome<V>>,
 }
 
 struct Shared<V> {
-    invalidated: AtomicBool,
-    // The lowest write version this load may still put in L1: raised by announcements of
-    // newer versions from other nodes.
-    floor: AtomicU64,
+    // Whether this load may still put its result in L1 (see `Admission`).
+    ticket: Ticket,
     tx: watch::Sender<Outcome<V>>,
 }
 
-/// Handed to a load: tells it whether its key was invalidated since it started (its result
-/// must then not be put in L1), and lets it answer its waiters before it ends (a stale value
-/// served while the load goes on).
+/// Handed to a load: its admission [`Ticket`] (whether its result may still go into L1), and
+/// a way to answer its waiters before it ends (a stale value served while the load goes on).
 pub(crate) struct FlightToken<V>(Arc<Shared<V>>);
 
 impl<V> Clone for FlightToken<V> {
@@ -44,33 +42,14 @@ impl<V> Clone for FlightToken<V> {
 }
 
 impl<V> FlightToken<V> {
-    fn new() -> (Self, watch::Receiver<Outcome<V>>) {
+    fn new(ticket: Ticket) -> (Self, watch::Receiver<Outcome<V>>) {
         let (tx, rx) = watch::channel(None);
-        let token = FlightToken(Arc::new(Shared {
-            invalidated: AtomicBool::new(false),
-            floor: AtomicU64::new(0),
-            tx,
-        }));
-        (token, rx)
+        (FlightToken(Arc::new(Shared { ticket, tx })), rx)
     }
 
-    /// Whether the key was invalidated after this load started.
-    pub(crate) fn is_invalidated(&self) -> bool {
-        self.0.invalidated.load(Ordering::Acquire)
-    }
-
-    fn invalidate(&self) {
-        self.0.invalidated.store(true, Ordering::Release);
-    }
-
-    /// Whether a result with write version `version` may still go into L1: the key was not
-    /// invalidated locally, and no newer version was announced since the load started.
-    pub(crate) fn admits(&self, version: u64) -> bool {
-        !self.is_invalidated() && version >= self.0.floor.load(Ordering::Acquire)
-    }
-
-    fn raise_floor(&self, version: u64) {
-        self.0.floor.fetch_max(version, Ordering::AcqRel);
+    /// The load's admission ticket.
+    pub(crate) fn ticket(&self) -> &Ticket {
+        &self.0.ticket
     }
 
     /// Answers the waiters now, unless they were answered already; the load may go on.
@@ -92,23 +71,19 @@ impl<V> FlightToken<V> {
     }
 }
 
-/// Detached loads still running, by key: (flight id, token).
-type Detached<V> = HashMap<Arc<str>, Vec<(u64, Weak<Shared<V>>)>>;
-
 /// The loads in flight, by key.
 pub(crate) struct Flights<V> {
     slots: Mutex<HashMap<Arc<str>, Slot<V>>>,
-    // Loads detached by an announcement that may still fill L1 (with a result at least as
-    // new): later announcements must reach them too, so they are kept, weakly, until they end.
-    detached: Mutex<Detached<V>>,
+    admission: Arc<Admission>,
     next_id: AtomicU64,
 }
 
 impl<V> Flights<V> {
-    pub(crate) fn new() -> Arc<Self> {
+    /// Flights whose loads take their tickets from `admission`.
+    pub(crate) fn new(admission: &Arc<Admission>) -> Arc<Self> {
         Arc::new(Flights {
             slots: Mutex::new(HashMap::new()),
-            detached: Mutex::new(HashMap::new()),
+            admission: Arc::clone(admission),
             next_id: AtomicU64::new(0),
         })
     }
@@ -119,71 +94,21 @@ impl<V> Flights<V> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    // As `slots`. Lock order: `slots` before `detached`.
-    fn detached(&self) -> MutexGuard<'_, Detached<V>> {
-        self.detached.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Applies `f` to the loads of `key` detached earlier that are still running.
-    fn each_detached(&self, key: &str, f: impl Fn(&FlightToken<V>)) {
-        let mut detached = self.detached();
-        if let Some(list) = detached.get_mut(key) {
-            list.retain(|(_, weak)| match weak.upgrade() {
-                Some(shared) => {
-                    f(&FlightToken(shared));
-                    true
-                }
-                None => false,
-            });
-            if list.is_empty() {
-                detached.remove(key);
-            }
-        }
-    }
-
     /// How many loads are in flight.
     pub(crate) fn len(&self) -> usize {
         self.slots().len()
     }
 
-    /// Detaches the flight of `key`, if any: later callers start a new load, and the running
-    /// one is told (through its token) not to fill L1.
-    pub(crate) fn invalidate(&self, key: &str) {
-        let slots = &mut self.slots();
-        if let Some(slot) = slots.remove(key) {
-            slot.token.invalidate();
-        }
-        self.each_detached(key, FlightToken::invalidate);
-    }
-
-    /// Detaches the flight of `key`, if any, after another node announced write `version`:
-    /// later callers start a new load, and the running one may still fill L1 only with a
-    /// result at least that new.
-    pub(crate) fn invalidate_below(&self, key: &str, version: u64) {
-        let slots = &mut self.slots();
-        self.each_detached(key, |t| t.raise_floor(version));
-        if let Some((key, slot)) = slots.remove_entry(key) {
-            slot.token.raise_floor(version);
-            self.detached()
-                .entry(key)
-                .or_default()
-                .push((slot.id, Arc::downgrade(&slot.token.0)));
-        }
+    /// Detaches the flight of `key`, if any: later callers start a new load instead of
+    /// joining it. The running load goes on (its waiters get its answer); whether it may still
+    /// fill L1 is its ticket's matter.
+    pub(crate) fn detach(&self, key: &str) {
+        self.slots().remove(key);
     }
 
     /// Detaches every flight.
-    pub(crate) fn invalidate_all(&self) {
-        let slots = &mut self.slots();
-        for (_, slot) in slots.drain() {
-            slot.token.invalidate();
-        }
-        for (_, list) in self.detached().drain() {
-            for (_, weak) in list {
-                if let Some(shared) = weak.upgrade() {
-                    FlightToken(shared).invalidate();
-                }
-            }
-        }
+    pub(crate) fn detach_all(&self) {
+        self.slots().clear();
     }
 
     /// Whether a load of `key` is in flight.
@@ -212,15 +137,10 @@ impl<V> Flights<V> {
         }
         let key: Arc<str> = key.into();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (token, rx) = FlightToken::new();
-        slots.insert(
-            Arc::clone(&key),
-            Slot {
-                id,
-                token: token.clone(),
-                rx: rx.clone(),
-            },
-        );
+        // The ticket is taken with the slot, under its lock: a change that detaches the slot
+        // after this also reaches the ticket.
+        let (token, rx) = FlightToken::new(self.admission.begin(&key));
+        slots.insert(Arc::clone(&key), Slot { id, rx: rx.clone() });
         drop(slots);
         let waiter = Waiter {
             key: Arc::clone(&key),
@@ -283,15 +203,6 @@ impl<V> Claim<V> {
         let mut slots = self.flights.slots();
         if slots.get(&*self.key).is_some_and(|s| s.id == self.id) {
             slots.remove(&*self.key);
-            return;
-        }
-        // Detached earlier: drop its entry in the detached list.
-        let mut detached = self.flights.detached();
-        if let Some(list) = detached.get_mut(&*self.key) {
-            list.retain(|(id, weak)| *id != self.id && weak.strong_count() > 0);
-            if list.is_empty() {
-                detached.remove(&*self.key);
-            }
         }
     }
 }
@@ -513,7 +424,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ten_thousand_callers_share_one_load() {
-        let flights = Flights::<u64>::new();
+        let flights = Flights::<u64>::new(&Admission::new());
         let loads = Arc::new(AtomicUsize::new(0));
         let arrived = Arc::new(AtomicUsize::new(0));
         let barrier = Arc::new(Barrier::new(10_000));
@@ -549,7 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_reaches_every_waiter_and_is_not_cached() {
-        let flights = Flights::<u64>::new();
+        let flights = Flights::<u64>::new(&Admission::new());
         let release = Arc::new(Notify::new());
         let mut tasks = Vec::new();
         for _ in 0..10 {
@@ -578,7 +489,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_loader_strands_nobody() {
-        let flights = Flights::<u64>::new();
+        let flights = Flights::<u64>::new(&Admission::new());
         let barrier = Arc::new(Barrier::new(20));
         let mut tasks = Vec::new();
         for _ in 0..20 {
@@ -605,7 +516,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_leader_strands_nobody() {
-        let flights = Flights::<u64>::new();
+        let flights = Flights::<u64>::new(&Admission::new());
         let release = Arc::new(Notify::new());
         let r = release.clone();
         let leader = {
@@ -640,7 +551,7 @@ mod tests {
 
     #[tokio::test]
     async fn callers_after_an_invalidation_never_join_the_older_load() {
-        let flights = Flights::<u64>::new();
+        let flights = Flights::<u64>::new(&Admission::new());
         let release_old = Arc::new(Notify::new());
         let loads = Arc::new(AtomicUsize::new(0));
         let (r, l) = (release_old.clone(), loads.clone());
@@ -661,17 +572,19 @@ mod tests {
             })
         };
         let old_token = token_rx.await.unwrap();
-        assert!(!old_token.is_invalidated());
+        assert!(!old_token.ticket().is_revoked());
 
-        flights.invalidate("k");
+        // What `set` / `invalidate` do: a write ticket revokes older fills, and the slot goes.
+        let _write = flights.admission.begin_write("k");
+        flights.detach("k");
         assert!(
-            old_token.is_invalidated(),
+            old_token.ticket().is_revoked(),
             "the old load must learn not to fill L1"
         );
         let l = loads.clone();
         let new = flights
             .run("k", WAIT, move |token| async move {
-                assert!(!token.is_invalidated());
+                assert!(!token.ticket().is_revoked());
                 l.fetch_add(1, Ordering::SeqCst);
                 Ok(2)
             })
@@ -698,27 +611,34 @@ mod tests {
 
     #[tokio::test]
     async fn every_later_announcement_reaches_a_load_detached_by_an_earlier_one() {
-        let flights = Flights::<u64>::new();
+        let admission = Admission::new();
+        let flights = Flights::<u64>::new(&admission);
         let (waiter, claim) = flights.join_or_claim("k");
         let claim = claim.unwrap();
         let token = claim.token();
         // Version 20 is announced: the load is detached, and may still fill with >= 20.
-        flights.invalidate_below("k", 20);
-        assert!(token.admits(20) && !token.admits(19));
+        flights.detach("k");
+        admission.announced("k", 20);
+        assert!(token.ticket().admits(20) && !token.ticket().admits(19));
         // Version 21 is announced while the load is still running: it must reach it too, or
         // its version-20 result would land in L1 after the eviction of version 21.
-        flights.invalidate_below("k", 21);
+        admission.announced("k", 21);
         assert!(
-            !token.admits(20),
+            !token.ticket().admits(20),
             "a later announcement reaches the detached load"
         );
-        assert!(token.admits(21));
-        flights.invalidate("k");
-        assert!(!token.admits(u64::MAX), "a local change reaches it as well");
+        assert!(token.ticket().admits(21));
+        admission.revoke("k");
+        assert!(
+            !token.ticket().admits(u64::MAX - 1),
+            "a local change reaches it as well"
+        );
         claim.finish(Ok(1));
         assert_eq!(waiter.wait(WAIT).await.unwrap(), 1);
-        assert!(
-            flights.detached().is_empty(),
+        drop(token);
+        assert_eq!(
+            admission.keys_tracked(),
+            0,
             "nothing kept once the load ended"
         );
         assert_eq!(flights.len(), 0);
@@ -726,7 +646,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_gives_up_at_its_deadline_and_the_load_goes_on() {
-        let flights = Flights::<u64>::new();
+        let flights = Flights::<u64>::new(&Admission::new());
         let release = Arc::new(Notify::new());
         let r = release.clone();
         let err = flights

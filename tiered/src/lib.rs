@@ -118,7 +118,10 @@ mod options;
 mod trace;
 
 pub use breaker::BreakerState;
-pub use builder::{DEFAULT_LOCK_TTL, DEFAULT_MAX_LOAD_TIME, DEFAULT_TTL, TieredCacheBuilder};
+pub use builder::{
+    DEFAULT_LOCK_TTL, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_LOAD_TIME, DEFAULT_TTL, MAX_KEY_LEN,
+    TieredCacheBuilder,
+};
 pub use cache::{BoxError, CacheStats, Loaded, TieredCache};
 pub use config::CacheConfig;
 pub use error::{Error, Result};
@@ -128,7 +131,9 @@ pub use health::{
 pub use invalidation;
 pub use l1;
 pub use l2;
-pub use options::{DEFAULT_FAIL_SAFE_THROTTLE, DEFAULT_HARD_TIMEOUT, EntryOptions};
+pub use options::{
+    DEFAULT_FAIL_SAFE_THROTTLE, DEFAULT_HARD_TIMEOUT, EntryOptions, MAX_OPTION_DURATION,
+};
 
 #[cfg(test)]
 mod tests {

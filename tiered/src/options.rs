@@ -6,6 +6,10 @@ use std::time::Duration;
 pub const DEFAULT_HARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default fail-safe throttle: see [`EntryOptions::fail_safe_throttle`].
 pub const DEFAULT_FAIL_SAFE_THROTTLE: Duration = Duration::from_secs(30);
+/// The longest any duration option may be: ten years. Longer ones are refused with
+/// [`Error::Config`](crate::Error::Config) naming the option (deadlines are computed from them,
+/// and Redis keeps expiries in milliseconds).
+pub const MAX_OPTION_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// Per-entry options: lifetimes, stale-while-revalidate, fail-safe, timeouts and tier skips.
 ///
@@ -191,8 +195,29 @@ impl EntryOptions {
         self.ttl - Duration::from_nanos(fastrand::u64(0..=nanos))
     }
 
-    /// Checks the options make sense; names the field that does not.
+    /// Checks the options make sense; names the option that does not. Every duration is at
+    /// most [`MAX_OPTION_DURATION`], and zero only where zero means "off".
     pub(crate) fn validate(&self) -> Result<(), String> {
+        let bounded = [
+            ("time_to_live", Some(self.ttl)),
+            ("l1_time_to_live", self.l1_ttl),
+            ("stale_while_revalidate", Some(self.swr)),
+            ("fail_safe", Some(self.fail_safe_max)),
+            ("fail_safe_throttle", Some(self.fail_safe_throttle)),
+            ("soft_timeout", self.soft_timeout),
+            ("hard_timeout", Some(self.hard_timeout)),
+            ("jitter", Some(self.jitter)),
+            ("negative_ttl", self.negative_ttl),
+        ];
+        for (name, value) in bounded {
+            if let Some(d) = value
+                && d > MAX_OPTION_DURATION
+            {
+                return Err(format!(
+                    "{name} must be at most {MAX_OPTION_DURATION:?} (got {d:?})"
+                ));
+            }
+        }
         if self.ttl < Duration::from_millis(1) {
             return Err("ttl must be at least 1 ms".into());
         }
@@ -208,10 +233,22 @@ impl EntryOptions {
         {
             return Err("negative_ttl must be at least 1 ms".into());
         }
+        if self.fail_safe_throttle < Duration::from_millis(1) {
+            return Err("fail_safe_throttle must be at least 1 ms".into());
+        }
+        if self.soft_timeout.is_some_and(|s| s.is_zero()) {
+            return Err("soft_timeout must be above zero".into());
+        }
         if self.soft_timeout.is_some_and(|s| s >= self.hard_timeout) {
             return Err("soft_timeout must be shorter than hard_timeout".into());
         }
         Ok(())
+    }
+
+    /// As [`EntryOptions::validate`], as the error a call returns.
+    pub(crate) fn check(&self) -> crate::Result<()> {
+        self.validate()
+            .map_err(|e| crate::Error::Config(format!("options: {e}")))
     }
 }
 
@@ -253,5 +290,44 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("soft_timeout"), "{e}");
         assert!(EntryOptions::new(Duration::from_secs(1)).validate().is_ok());
+    }
+
+    #[test]
+    fn every_duration_at_its_extremes_is_refused_by_name_never_a_panic() {
+        let base = EntryOptions::new(Duration::from_secs(1));
+        let max = Duration::MAX;
+        let cases: [(&str, EntryOptions); 9] = [
+            ("time_to_live", base.time_to_live(max)),
+            ("l1_time_to_live", base.l1_time_to_live(max)),
+            ("stale_while_revalidate", base.stale_while_revalidate(max)),
+            ("fail_safe", base.fail_safe(max)),
+            ("fail_safe_throttle", base.fail_safe_throttle(max)),
+            ("soft_timeout", base.soft_timeout(max)),
+            ("hard_timeout", base.hard_timeout(max)),
+            ("jitter", base.jitter(max)),
+            ("negative_ttl", base.negative_ttl(max)),
+        ];
+        for (name, o) in cases {
+            let e = o.validate().unwrap_err();
+            assert!(e.starts_with(name), "{name}: {e}");
+        }
+        for (name, o) in [
+            (
+                "fail_safe_throttle",
+                base.fail_safe_throttle(Duration::ZERO),
+            ),
+            ("soft_timeout", base.soft_timeout(Duration::ZERO)),
+            ("hard_timeout", base.hard_timeout(Duration::ZERO)),
+            ("l1_time_to_live", base.l1_time_to_live(Duration::ZERO)),
+        ] {
+            let e = o.validate().unwrap_err();
+            assert!(e.starts_with(name), "{name}: {e}");
+        }
+        // The largest accepted values compute their lifetimes without overflow.
+        let big = EntryOptions::new(MAX_OPTION_DURATION)
+            .stale_while_revalidate(MAX_OPTION_DURATION)
+            .fail_safe(MAX_OPTION_DURATION);
+        assert!(big.validate().is_ok());
+        assert_eq!(big.l2_time_to_live(), MAX_OPTION_DURATION * 2);
     }
 }
