@@ -511,7 +511,10 @@ impl Inner {
             return None;
         }
         if headers.contains_key(header::CACHE_CONTROL) || headers.contains_key(header::EXPIRES) {
-            Some(policy.time_to_live(now)).filter(|ttl| !ttl.is_zero())
+            // `max-age` can say anything up to 2^31 s: kept within what an entry may live.
+            Some(policy.time_to_live(now))
+                .filter(|ttl| !ttl.is_zero())
+                .map(|ttl| ttl.min(tiered::MAX_OPTION_DURATION))
         } else {
             Some(default_ttl)
         }
@@ -759,6 +762,10 @@ impl ResponseCacheBuilder {
                 )));
             }
             check_tag(route)?;
+            route
+                .options
+                .validate()
+                .map_err(|e| Error::Config(format!("route `{prefix}`: {e}")))?;
         }
         check_tag(&self.default_route)?;
         let connection = match (self.connection, self.redis_url) {

@@ -278,7 +278,7 @@ where
             .filter(|n| !n.is_empty())
             .ok_or_else(|| Error::Config("namespace is required".into()))?;
         self.defaults
-            .validate()
+            .problem()
             .map_err(|e| Error::Config(format!("default_options: {e}")))?;
         if self.max_key_len == 0 || self.max_key_len > MAX_KEY_LEN {
             return Err(Error::Config(format!(

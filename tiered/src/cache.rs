@@ -426,7 +426,7 @@ where
         E: Into<BoxError>,
     {
         self.inner.check_key(key)?;
-        options.check()?;
+        options.validate()?;
         self.lookup_or_load(key, &options, load).await
     }
 
@@ -497,7 +497,7 @@ where
     /// As [`TieredCache::get`].
     pub async fn get_with(&self, key: &str, options: EntryOptions) -> Result<Option<V>> {
         self.inner.check_key(key)?;
-        options.check()?;
+        options.validate()?;
         self.read(key, &options).await
     }
 
@@ -541,7 +541,7 @@ where
     /// As [`TieredCache::set`].
     pub async fn set_with(&self, key: &str, value: &V, options: EntryOptions) -> Result<u64> {
         self.inner.check_key(key)?;
-        options.check()?;
+        options.validate()?;
         let span = self.inner.span("set", key);
         let result = self.set_inner(key, value, options, &span).await;
         trace::outcome(&span, &result);

@@ -169,8 +169,9 @@ impl EntryOptions {
 
     /// The lifetimes of a value written now: fresh for `ttl` (the loader's) or the jittered
     /// TTL, kept for the longer of the stale-while-revalidate window and the fail-safe max.
+    /// A loader's own TTL is clamped to `[1 ms, MAX_OPTION_DURATION]`.
     pub(crate) fn value_meta(&self, ttl: Option<Duration>) -> l2::EntryMeta {
-        let fresh = ttl.unwrap_or_else(|| self.jittered_ttl());
+        let fresh = ttl.map_or_else(|| self.jittered_ttl(), clamp_ttl);
         l2::EntryMeta {
             write_version: 0,
             fresh_for: fresh,
@@ -182,7 +183,7 @@ impl EntryOptions {
     /// no stale window), or `None` when "not found" is not cached.
     pub(crate) fn absent_meta(&self, ttl: Option<Duration>) -> Option<l2::EntryMeta> {
         let negative = self.negative_ttl?;
-        Some(l2::EntryMeta::new(ttl.unwrap_or(negative)))
+        Some(l2::EntryMeta::new(ttl.map_or(negative, clamp_ttl)))
     }
 
     /// The TTL with jitter applied: in `[ttl - jitter, ttl]`, never below half the TTL.
@@ -195,9 +196,9 @@ impl EntryOptions {
         self.ttl - Duration::from_nanos(fastrand::u64(0..=nanos))
     }
 
-    /// Checks the options make sense; names the option that does not. Every duration is at
+    /// What is wrong with the options, naming the option, if anything. Every duration is at
     /// most [`MAX_OPTION_DURATION`], and zero only where zero means "off".
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub(crate) fn problem(&self) -> Result<(), String> {
         let bounded = [
             ("time_to_live", Some(self.ttl)),
             ("l1_time_to_live", self.l1_ttl),
@@ -245,11 +246,20 @@ impl EntryOptions {
         Ok(())
     }
 
-    /// As [`EntryOptions::validate`], as the error a call returns.
-    pub(crate) fn check(&self) -> crate::Result<()> {
-        self.validate()
+    /// Checks the options as every call that takes them does.
+    ///
+    /// # Errors
+    /// [`Error::Config`](crate::Error::Config) naming the first option out of range.
+    pub fn validate(&self) -> crate::Result<()> {
+        self.problem()
             .map_err(|e| crate::Error::Config(format!("options: {e}")))
     }
+}
+
+/// A TTL chosen at run time (a loader's, a response's `max-age`) kept where a written entry
+/// can live: at least 1 ms, at most [`MAX_OPTION_DURATION`].
+pub(crate) fn clamp_ttl(ttl: Duration) -> Duration {
+    ttl.clamp(Duration::from_millis(1), MAX_OPTION_DURATION)
 }
 
 #[cfg(test)]
@@ -282,14 +292,14 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let e = EntryOptions::new(Duration::ZERO).validate().unwrap_err();
+        let e = EntryOptions::new(Duration::ZERO).problem().unwrap_err();
         assert!(e.contains("ttl"), "{e}");
         let e = EntryOptions::new(Duration::from_secs(1))
             .soft_timeout(Duration::from_secs(20))
-            .validate()
+            .problem()
             .unwrap_err();
         assert!(e.contains("soft_timeout"), "{e}");
-        assert!(EntryOptions::new(Duration::from_secs(1)).validate().is_ok());
+        assert!(EntryOptions::new(Duration::from_secs(1)).problem().is_ok());
     }
 
     #[test]
@@ -308,7 +318,7 @@ mod tests {
             ("negative_ttl", base.negative_ttl(max)),
         ];
         for (name, o) in cases {
-            let e = o.validate().unwrap_err();
+            let e = o.problem().unwrap_err();
             assert!(e.starts_with(name), "{name}: {e}");
         }
         for (name, o) in [
@@ -320,14 +330,14 @@ mod tests {
             ("hard_timeout", base.hard_timeout(Duration::ZERO)),
             ("l1_time_to_live", base.l1_time_to_live(Duration::ZERO)),
         ] {
-            let e = o.validate().unwrap_err();
+            let e = o.problem().unwrap_err();
             assert!(e.starts_with(name), "{name}: {e}");
         }
         // The largest accepted values compute their lifetimes without overflow.
         let big = EntryOptions::new(MAX_OPTION_DURATION)
             .stale_while_revalidate(MAX_OPTION_DURATION)
             .fail_safe(MAX_OPTION_DURATION);
-        assert!(big.validate().is_ok());
+        assert!(big.problem().is_ok());
         assert_eq!(big.l2_time_to_live(), MAX_OPTION_DURATION * 2);
     }
 }
