@@ -21,6 +21,7 @@
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -124,7 +125,10 @@ impl Proxy {
     /// forwarded in either direction (bytes that arrive meanwhile, or were waiting out a
     /// [`delay`](Self::delay), are dropped), and new connections are not accepted (they wait
     /// in the kernel's backlog: a connect may complete, but nothing answers). No reset, no
-    /// EOF: only the client's own timeouts notice. [`restore`](Self::restore) ends it.
+    /// EOF: only the client's own timeouts notice. [`restore`](Self::restore) ends it; a
+    /// connection that lost bytes is then reset (a TCP stream cannot go on with a hole in
+    /// it: the client would match later replies to requests that never arrived), one that
+    /// lost nothing carries on.
     pub fn blackhole(&self) {
         self.set_mode(Mode::Blackhole);
     }
@@ -226,21 +230,40 @@ async fn connection(client: TcpStream, upstream: SocketAddr, mut rx: watch::Rece
     };
     let _ = server.set_nodelay(true);
     let (client, server) = (Arc::new(client), Arc::new(server));
+    // Set once a blackhole dropped bytes of this connection: its streams have a hole.
+    let lost = Arc::new(AtomicBool::new(false));
     let (up, down) = (rx.clone(), rx.clone());
     let pumps = async {
-        // Either direction ending (EOF or an error) ends the connection.
+        // Either direction ending (EOF, an error, or a hole) ends the connection.
         tokio::select! {
-            _ = pump(client.clone(), server.clone(), up) => {}
-            _ = pump(server.clone(), client.clone(), down) => {}
+            _ = pump(client.clone(), server.clone(), up, lost.clone()) => {}
+            _ = pump(server.clone(), client.clone(), down, lost.clone()) => {}
+        }
+    };
+    // A TCP stream cannot go on after a hole (the client would match later replies to the
+    // requests that were dropped): once forwarding resumes, such a connection is reset, as
+    // a real one is when the partition outlasts its retransmissions.
+    let ends = async {
+        loop {
+            if rx.changed().await.is_err() {
+                return;
+            }
+            let mode = rx.borrow().mode;
+            if dead(&State {
+                mode,
+                delay: Duration::ZERO,
+            }) || (mode == Mode::Forward && lost.load(Ordering::SeqCst))
+            {
+                return;
+            }
         }
     };
     tokio::select! {
         _ = pumps => {}
-        _ = rx.wait_for(dead) => {
-            reset(&client);
-            reset(&server);
-        }
+        _ = ends => {}
     }
+    reset(&client);
+    reset(&server);
 }
 
 /// Makes the socket's close a reset (SO_LINGER 0) rather than an orderly FIN.
@@ -251,11 +274,16 @@ fn reset(stream: &TcpStream) {
 
 /// Forwards `from` to `to`: a reader stamps each chunk with when it may go out, a writer
 /// sends it then, unless the proxy is a blackhole by that time.
-async fn pump(from: Arc<TcpStream>, to: Arc<TcpStream>, rx: watch::Receiver<State>) {
+async fn pump(
+    from: Arc<TcpStream>,
+    to: Arc<TcpStream>,
+    rx: watch::Receiver<State>,
+    lost: Arc<AtomicBool>,
+) {
     let (tx, mut queue) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let reader_rx = rx.clone();
+    let (reader_rx, reader_lost) = (rx.clone(), lost.clone());
     let reader = async move {
-        let rx = reader_rx;
+        let (rx, lost) = (reader_rx, reader_lost);
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             if from.readable().await.is_err() {
@@ -266,7 +294,11 @@ async fn pump(from: Arc<TcpStream>, to: Arc<TcpStream>, rx: watch::Receiver<Stat
                 Ok(n) => {
                     let state = *rx.borrow();
                     if state.mode == Mode::Blackhole {
+                        lost.store(true, Ordering::SeqCst);
                         continue;
+                    }
+                    if lost.load(Ordering::SeqCst) {
+                        return;
                     }
                     if tx
                         .send((Instant::now() + state.delay, buf[..n].to_vec()))
@@ -285,7 +317,11 @@ async fn pump(from: Arc<TcpStream>, to: Arc<TcpStream>, rx: watch::Receiver<Stat
         while let Some((at, data)) = queue.recv().await {
             tokio::time::sleep_until(at).await;
             if rx.borrow().mode == Mode::Blackhole {
+                lost.store(true, Ordering::SeqCst);
                 continue;
+            }
+            if lost.load(Ordering::SeqCst) {
+                return;
             }
             let mut sent = 0;
             while sent < data.len() {
@@ -376,7 +412,9 @@ mod tests {
         let server = RedisServer::start();
         let proxy = Proxy::start(server.addr());
         let mut s = connect(&proxy).unwrap();
+        let mut idle = connect(&proxy).unwrap();
         assert!(ping(&mut s).unwrap());
+        assert!(ping(&mut idle).unwrap());
         proxy.blackhole();
         std::thread::sleep(Duration::from_millis(50));
         let err = ping(&mut s).unwrap_err();
@@ -393,8 +431,9 @@ mod tests {
         }
         proxy.restore();
         std::thread::sleep(Duration::from_millis(50));
-        // The PING sent during the blackhole was dropped: the next one gets the only answer.
-        assert!(ping(&mut s).unwrap());
+        // The connection whose PING was dropped is reset; the one that sent nothing goes on.
+        assert!(!matches!(ping(&mut s), Ok(true)));
+        assert!(ping(&mut idle).unwrap());
         let mut n = connect(&proxy).unwrap();
         assert!(ping(&mut n).unwrap());
     }
