@@ -149,7 +149,7 @@ async fn a_partitioned_node_serves_nothing_older_than_allowed_and_catches_up() {
     let a_stats_before = a.stats();
     let holed = Instant::now();
     proxy.blackhole();
-    let mut n = vec![0u64; KEYS];
+    let mut n = [0u64; KEYS];
     let mut written = 0;
     while holed.elapsed() < Duration::from_secs(2) {
         let key = written % KEYS;
