@@ -4,6 +4,7 @@
 //! `redis-server` on a free loopback port, with persistence off and its own temp dir. It is killed
 //! when the handle drops. Fault tests use [`RedisServer::pause`] (SIGSTOP), [`RedisServer::resume`]
 //! (SIGCONT), [`RedisServer::kill`] and [`RedisServer::restart`] (same port, empty data).
+//! Network faults between a client and a server go through a [`Proxy`] (cut, blackhole, delay).
 //!
 //! Not for: production use, or talking to Redis beyond the few raw commands fault tests need
 //! ([`RedisServer::command`]); tests use the `redis` crate or the library itself for that.
@@ -20,9 +21,11 @@
 
 pub mod cluster;
 pub mod coherence;
+pub mod proxy;
 pub mod tls;
 
 pub use cluster::RedisCluster;
+pub use proxy::Proxy;
 pub use tls::{TestCa, TlsRedis};
 
 use std::fmt;

@@ -39,6 +39,8 @@ fn a_master_killed_during_the_workload_costs_errors_only_while_it_fails_over() {
         // Room for a saturated two-core machine (three nodes, six servers): a CI run saw 8
         // errors before the kill with 200 ms here and the default 250 ms command timeout.
         replica_ack_timeout: Some(Duration::from_millis(500)),
+        node_url: None,
+        cancel_writes: None,
     };
     let mut kill_us = 0;
     let mut failover = Duration::ZERO;

@@ -39,6 +39,25 @@ pub struct Run {
     pub seconds: u64,
     /// `replica_acks(1, this)` on the nodes' connections.
     pub replica_ack_timeout: Option<Duration>,
+    /// One node that connects through another URL (a `testkit::Proxy` in front of the
+    /// target): `(node, url)`.
+    pub node_url: Option<(u32, String)>,
+    /// One node whose writes and deletes run under a random timeout below this, so some are
+    /// cancelled mid-way (recorded as failed: they may have landed).
+    pub cancel_writes: Option<(u32, Duration)>,
+}
+
+impl Run {
+    /// A plain run: no replica acks, every node on the target directly, no cancellations.
+    pub fn plain(target: Target, seconds: u64) -> Self {
+        Run {
+            target,
+            seconds,
+            replica_ack_timeout: None,
+            node_url: None,
+            cancel_writes: None,
+        }
+    }
 }
 
 /// What the nodes did.
@@ -73,6 +92,9 @@ pub fn node_main() {
         .parse()
         .unwrap();
     let acks: Option<u64> = std::env::var("TIERED_CHECKER_ACK_MS")
+        .ok()
+        .map(|v| v.parse().unwrap());
+    let cancel_us: Option<u64> = std::env::var("TIERED_CHECKER_CANCEL_US")
         .ok()
         .map(|v| v.parse().unwrap());
     super::node_runtime().block_on(async move {
@@ -121,20 +143,22 @@ pub fn node_main() {
                     } else if roll < 92 {
                         n += 1;
                         let value = format!("n{node}w{w}-{n}");
-                        match cache.set(&key, &value).await {
-                            Ok(version) => OpKind::Write { value, version },
-                            Err(e) => {
+                        match cancellable(cancel_us, cache.set(&key, &value)).await {
+                            Ok(Ok(version)) => OpKind::Write { value, version },
+                            Ok(Err(e)) => {
                                 errors.push((now_us(), format!("set: {e}")));
                                 OpKind::Failed { value: Some(value) }
                             }
+                            Err(_) => OpKind::Failed { value: Some(value) },
                         }
                     } else {
-                        match cache.invalidate(&key).await {
-                            Ok(version) => OpKind::Delete { version },
-                            Err(e) => {
+                        match cancellable(cancel_us, cache.invalidate(&key)).await {
+                            Ok(Ok(version)) => OpKind::Delete { version },
+                            Ok(Err(e)) => {
                                 errors.push((now_us(), format!("invalidate: {e}")));
                                 OpKind::Failed { value: None }
                             }
+                            Err(_) => OpKind::Failed { value: None },
                         }
                     };
                     ops.push(Op {
@@ -173,6 +197,17 @@ pub fn node_main() {
     });
 }
 
+/// `fut` under a random timeout below `max_us` if set (`Err` if it was cut), else whole.
+async fn cancellable<T>(
+    max_us: Option<u64>,
+    fut: impl Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
+    match max_us {
+        Some(max) => tokio::time::timeout(Duration::from_micros(fastrand::u64(..max)), fut).await,
+        None => Ok(fut.await),
+    }
+}
+
 /// Runs `NODES` helper processes (`node_test` is the name of the test function that calls
 /// [`node_main`]) against `run.target`, calls `during` once they all started, and checks the
 /// merged history.
@@ -181,9 +216,13 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
     let meeting = RedisServer::start();
     let children: Vec<_> = (0..NODES)
         .map(|node| {
+            let urls = match &run.node_url {
+                Some((n, url)) if *n == node => url.clone(),
+                _ => run.target.urls.join(","),
+            };
             let mut cmd = Command::new(std::env::current_exe().unwrap());
             cmd.args([node_test, "--exact", "--nocapture", "--test-threads=1"])
-                .env("TIERED_CHECKER_URLS", run.target.urls.join(","))
+                .env("TIERED_CHECKER_URLS", urls)
                 .env("TIERED_CHECKER_ADDR", meeting.addr().to_string())
                 .env("TIERED_CHECKER_NODE", node.to_string())
                 .env("TIERED_CHECKER_SECONDS", run.seconds.to_string())
@@ -191,6 +230,11 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
                 .stderr(Stdio::piped());
             if run.target.cluster {
                 cmd.env("TIERED_CHECKER_CLUSTER", "1");
+            }
+            if let Some((n, max)) = run.cancel_writes
+                && n == node
+            {
+                cmd.env("TIERED_CHECKER_CANCEL_US", max.as_micros().to_string());
             }
             if let Some(t) = run.replica_ack_timeout {
                 cmd.env("TIERED_CHECKER_ACK_MS", t.as_millis().to_string());
