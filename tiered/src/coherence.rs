@@ -233,11 +233,10 @@ impl Admission {
                 l1.invalidate(key);
                 Announced::Evicted
             }
-            None => {
-                // Not there now; a fill that raced the check is covered by its ticket.
-                l1.invalidate(key);
-                Announced::Absent
-            }
+            // Nothing to evict. A fill racing this check was raised above before it: its
+            // ticket keeps an older version out (and dropping the key here could take out
+            // the very write this message announces, inserted a moment later).
+            None => Announced::Absent,
         }
     }
 }
