@@ -59,12 +59,16 @@
 //! only for the propagation-lag metric.
 
 mod bus;
+mod lease;
 pub mod message;
+mod sequence;
+pub mod sign;
 
 pub use bus::{
     Bus, BusConfig, BusStats, Consumer, DEFAULT_HEARTBEAT, DEFAULT_HEARTBEAT_TIMEOUT, Event,
-    Eviction, GapReason, Lease, Publisher,
+    Eviction, GapReason, MAX_MESSAGE_LEN, Publisher, QUEUE_CAPACITY, REPLAY_WINDOW,
 };
+pub use lease::Lease;
 
 /// The Redis pub/sub channel that carries the invalidations of a key space: its prefix, then
 /// `!inval` (data keys always have `{` after the prefix, so the two never meet).
