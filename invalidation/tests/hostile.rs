@@ -282,8 +282,21 @@ async fn without_a_secret_a_flood_never_panics_stays_bounded_and_genuine_message
     );
     assert!(stats.malformed >= 500 + 1, "{stats:?}");
 
+    // A forged eviction of the same key with a higher version, in the same burst: the two
+    // are coalesced per (key, origin), so the forged origin does not stand for the genuine.
+    let forged = message::encode(
+        &Message {
+            origin: 4242,
+            seq: 1,
+            sent_micros: message::now_micros(),
+            vouches: vec![],
+            action: Action::Evict(vec![("after-the-flood".into(), u64::MAX)]),
+            signature: None,
+        },
+        None,
+    );
     let m = genuine.evict("after-the-flood");
-    publish_all(&mut conn, &[with_version(m, 9)]).await;
+    publish_all(&mut conn, &[forged, with_version(m, 9)]).await;
     eventually(SOON, "the genuine message after the flood", || async {
         evicted(&seen, "after-the-flood")
     })
@@ -297,7 +310,7 @@ async fn without_a_secret_a_flood_never_panics_stays_bounded_and_genuine_message
             Event::Evict(list) => list.clone(),
             _ => vec![],
         })
-        .filter(|e| e.key == "after-the-flood")
+        .filter(|e| e.key == "after-the-flood" && e.origin != 4242)
         .map(|e| (e.origin, e.version))
         .collect::<Vec<_>>();
     assert_eq!(found, vec![(genuine.origin(), 9)]);
