@@ -272,7 +272,8 @@ async fn without_a_secret_a_flood_never_panics_stays_bounded_and_genuine_message
     publish_all(&mut conn, &all).await;
     eventually(SOON, "the flood was taken in", || async {
         let s = bus.stats();
-        s.received + s.malformed >= all.len() as u64 - 500 + 1
+        // Everything but the oversized payload reaches the bus's task.
+        s.received == all.len() as u64 - 1
     })
     .await;
     let stats = bus.stats();
@@ -280,7 +281,8 @@ async fn without_a_secret_a_flood_never_panics_stays_bounded_and_genuine_message
         stats.origins <= 4096,
         "the origin table is bounded: {stats:?}"
     );
-    assert!(stats.malformed >= 500 + 1, "{stats:?}");
+    // The junk, and the oversized payload.
+    assert!(stats.malformed > 500, "{stats:?}");
 
     // A forged eviction of the same key with a higher version, in the same burst: the two
     // are coalesced per (key, origin), so the forged origin does not stand for the genuine.
