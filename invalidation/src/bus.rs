@@ -909,3 +909,66 @@ async fn deliver(inner: &Inner, plan: Plan) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publisher() -> Publisher {
+        Publisher {
+            origin: 5,
+            numbers: Arc::default(),
+            channel: "c".into(),
+            key: None,
+        }
+    }
+
+    fn decoded(mut bytes: Vec<u8>) -> message::Message {
+        if bytes[5] == 1 {
+            bytes.extend_from_slice(&1u64.to_le_bytes());
+        }
+        message::decode(&bytes).unwrap()
+    }
+
+    #[test]
+    fn only_acknowledged_numbers_are_vouched_for_once_and_at_most_eight() {
+        let p = publisher();
+        let m1 = p.evict("a");
+        let _burnt = p.evict("b");
+        p.acknowledged(&m1);
+        let m3 = decoded(p.evict("c"));
+        assert_eq!((m3.seq, m3.vouches), (3, vec![1]));
+        // Already carried by 3: not again.
+        assert!(decoded(p.clear_namespace()).vouches.is_empty());
+        // Bytes of another publisher, or not a message: ignored.
+        p.acknowledged(&publisher_with_origin(6).evict("x"));
+        p.acknowledged(b"junk");
+        assert!(decoded(p.clear_all()).vouches.is_empty());
+        let built: Vec<Vec<u8>> = (0..12).map(|_| p.evict("k")).collect();
+        for m in &built {
+            p.acknowledged(m);
+            p.acknowledged(m); // twice: once
+        }
+        let next = decoded(p.evict("z"));
+        assert_eq!(
+            next.vouches,
+            (10..=17).collect::<Vec<u64>>(),
+            "the newest eight"
+        );
+    }
+
+    fn publisher_with_origin(origin: u64) -> Publisher {
+        Publisher {
+            origin,
+            ..publisher()
+        }
+    }
+
+    #[test]
+    fn the_numbering_wraps_instead_of_panicking() {
+        let p = publisher();
+        p.numbers.lock().unwrap().last = u64::MAX - 1;
+        assert_eq!(decoded(p.evict("a")).seq, u64::MAX);
+        assert_eq!(decoded(p.evict("b")).seq, 0);
+    }
+}
