@@ -26,6 +26,8 @@
 //! let publisher = bus.publisher(&channel);
 //! let message = publisher.evict("42");
 //! let announce = l2::Announce { channel: &channel, message: &message };
+//! // ... once the script that carries `announce` returned Ok:
+//! publisher.acknowledged(&message);
 //! # let _ = announce; Ok(()) }
 //! ```
 //!
@@ -39,7 +41,11 @@
 //!   ([`GapReason::HeartbeatMissed`]: a stopped server or a half-open connection);
 //! - the server's `run_id` changes, or on a cluster its epoch (a failover)
 //!   ([`GapReason::ServerRestarted`]);
-//! - a writer's sequence number is missing for longer than T ([`GapReason::SequenceGap`]).
+//! - a message its writer knew was published (a later message vouches for it) has not
+//!   arrived within T ([`GapReason::SequenceGap`]); a number whose write failed, and so was
+//!   never published, is never missed (the argument is in the `sequence` module);
+//! - messages come faster than this process applies them and its queue is full
+//!   ([`GapReason::Overflow`]; the queue is bounded, [`QUEUE_CAPACITY`]).
 //!
 //! Losing a message is one risk; a message that is merely late is the other (an overloaded
 //! server, or on a cluster the bus between the master that published it and the node this
@@ -57,14 +63,60 @@
 //! Versions come from Redis (each write stamps the previous version plus one), never from
 //! clocks; the lease uses this process's monotonic clock only, and wall clocks are used
 //! only for the propagation-lag metric.
+//!
+//! # Security
+//! Threat model: **whoever may `PUBLISH` on the channel can force evictions and clears** on
+//! every node, unless a secret is set. Redis ACLs limit who may: give cache users
+//! `&<prefix>*` (their key space's prefix, which covers its channel and this bus's probe
+//! channel) and nothing wider. Forced evictions and clears cost misses (load on L2 and the
+//! loaders), never wrong data: the bus never carries values.
+//!
+//! Without a secret ([`BusConfig::default`]) every well-formed message is accepted, as it
+//! always was. In every mode the bus is hardened against hostile bytes: decoding is strict and
+//! never panics (any number, `u64::MAX` included, is just a number); a payload over
+//! [`MAX_MESSAGE_LEN`] is dropped before it is queued; the queue is bounded and an overflow is
+//! a gap, not memory growth; at most 4096 writers' sequences are tracked (the least recently
+//! heard from are forgotten); and bursts are coalesced per (key, origin), so one writer's
+//! message never stands for another's.
+//!
+//! With [`BusConfig::secret`], every message and probe is signed (HMAC-SHA256 under the
+//! secret, bound to the channel), and receivers drop and count messages that are unsigned
+//! ([`BusStats::unsigned`]), carry a wrong tag ([`BusStats::forged`]), were sent more than
+//! [`REPLAY_WINDOW`] ago by the sender's clock, in either direction, or repeat the (origin,
+//! sequence) of a clear already applied ([`BusStats::replayed`]). Probes carry 128 random
+//! bits and their tag, and count only when they come back byte for byte.
+//!
+//! **The version is not signed**, and need not be. An eviction's version is assigned inside
+//! Redis by the script that writes the value and publishes the message, after the client built
+//! and signed the rest, so the tag covers everything the client built (header, vouches, keys)
+//! and the versions follow it. Someone who can publish but lacks the secret can therefore
+//! replay a genuine signed eviction (seen on the channel, within the replay window) with any
+//! version they like. That can only
+//!
+//! - evict that key once more on every node (a miss, then a reload from L2), or
+//! - with a high version, make a node refuse a fill of that key that was in flight (another
+//!   miss): a version only ever says "L1 must not hold anything older than this";
+//!
+//! it can never suppress the genuine message, because receivers do not deduplicate evictions:
+//! every copy is applied, and applying one never stops a later one from being applied (a
+//! version compares against what L1 holds, not against messages seen). Replaying a clear, whose
+//! bytes are all signed, is refused outright. A key that is written again invalidates as usual,
+//! whatever was replayed before it.
+//!
+//! What the secret does not do: hide anything (messages carry keys in clear; use TLS and ACLs
+//! for that), or stop someone who has it. Every process on the bus must share it.
 
 mod bus;
+mod lease;
 pub mod message;
+mod sequence;
+pub mod sign;
 
 pub use bus::{
     Bus, BusConfig, BusStats, Consumer, DEFAULT_HEARTBEAT, DEFAULT_HEARTBEAT_TIMEOUT, Event,
-    Eviction, GapReason, Lease, Publisher,
+    Eviction, GapReason, MAX_MESSAGE_LEN, Publisher, QUEUE_CAPACITY, REPLAY_WINDOW,
 };
+pub use lease::Lease;
 
 /// The Redis pub/sub channel that carries the invalidations of a key space: its prefix, then
 /// `!inval` (data keys always have `{` after the prefix, so the two never meet).

@@ -72,7 +72,7 @@ pub use error::{DecodeError, Error, Result};
 pub use keys::{Key, KeySpace, MAX_KEY_LEN};
 pub use lock::{Lock, LockAttempt, LockWait, LockWaiters};
 pub use store::{Announce, Fetched, RedisStore, Removal, StoreStats};
-pub use subscriber::{Event, Subscriber};
+pub use subscriber::{Event, ProbeSigner, Subscriber};
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
 //! [`Subscriber`]: a dedicated pub/sub connection that reconnects and resubscribes by itself.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -35,6 +35,12 @@ pub enum Event<'a> {
 }
 
 type Handler = Arc<dyn Fn(&Event<'_>) + Send + Sync>;
+
+/// Signs a probe: given the payload built so far (a random nonce), returns the bytes appended
+/// to it (a tag). A returning probe must match the published bytes exactly, so a probe
+/// published by anyone without the signer's key never counts. See
+/// [`Subscriber::listen_for_probes_signed`].
+pub type ProbeSigner = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
 
 #[derive(Default)]
 struct Handlers {
@@ -145,12 +151,30 @@ struct Inner {
 
 /// The probes this subscriber published and waits for, by payload.
 struct Probes {
-    /// Channels with the probe handler on them.
-    channels: Mutex<HashSet<String>>,
+    /// Channels with the probe handler on them, and how their probes are signed.
+    channels: Mutex<HashMap<String, Option<ProbeSigner>>>,
     waiting: Mutex<HashMap<Vec<u8>, oneshot::Sender<()>>>,
-    /// Makes this subscriber's payloads its own.
-    nonce: u64,
-    next: AtomicU64,
+}
+
+/// A probe payload: `probe:` and 128 random bits from the OS (in hex), so nobody can publish
+/// one before seeing it; then the signer's tag, if any.
+fn probe_payload(signer: Option<&ProbeSigner>) -> Vec<u8> {
+    let mut nonce = [0u8; 16];
+    if getrandom::fill(&mut nonce).is_err() {
+        // No OS generator (never on the platforms we run on): fastrand, seeded per process,
+        // is unique but not unpredictable.
+        nonce = fastrand::u128(..).to_le_bytes();
+    }
+    let mut payload = b"probe:".to_vec();
+    for b in nonce {
+        payload.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    if let Some(sign) = signer {
+        let tag = sign(&payload);
+        payload.push(b':');
+        payload.extend_from_slice(&tag);
+    }
+    payload
 }
 
 impl Probes {
@@ -466,8 +490,6 @@ impl Subscriber {
             probes: Arc::new(Probes {
                 channels: Mutex::default(),
                 waiting: Mutex::default(),
-                nonce: fastrand::u64(..),
-                next: AtomicU64::new(0),
             }),
         });
         if let Some(wake) = wake {
@@ -576,19 +598,35 @@ impl Subscriber {
     }
 
     /// Subscribes to `channel` for [`Subscriber::probe`]. The channel should be this
-    /// subscriber's alone (nobody else publishes on it or listens to it).
+    /// subscriber's alone (nobody else publishes on it or listens to it). Each probe carries
+    /// 128 random bits, so nobody can publish one before it is published; to make probes
+    /// worthless to anyone without a key too, use [`Subscriber::listen_for_probes_signed`].
     ///
     /// # Errors
     /// As [`Subscriber::listen`].
     pub async fn listen_for_probes(&self, channel: &str) -> Result<()> {
+        self.probes_on(channel, None).await
+    }
+
+    /// As [`Subscriber::listen_for_probes`], and every probe on `channel` carries the tag
+    /// `signer` makes for its random payload. A probe comes back only when the bytes match
+    /// exactly what was published, so forged probes never count. The first call for a
+    /// channel decides how its probes are signed.
+    ///
+    /// # Errors
+    /// As [`Subscriber::listen`].
+    pub async fn listen_for_probes_signed(&self, channel: &str, signer: ProbeSigner) -> Result<()> {
+        self.probes_on(channel, Some(signer)).await
+    }
+
+    async fn probes_on(&self, channel: &str, signer: Option<ProbeSigner>) -> Result<()> {
         let probes = Arc::clone(&self.inner.probes);
-        if !probes
-            .channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(channel.to_string())
         {
-            return Ok(());
+            let mut channels = probes.channels.lock().unwrap_or_else(|p| p.into_inner());
+            if channels.contains_key(channel) {
+                return Ok(());
+            }
+            channels.insert(channel.to_string(), signer);
         }
         let handler = {
             let probes = Arc::clone(&probes);
@@ -626,16 +664,17 @@ impl Subscriber {
     /// if `channel` was not made ready; as the connection's commands otherwise.
     pub async fn probe(&self, channel: &str, timeout: Duration) -> Result<Duration> {
         let probes = &self.inner.probes;
-        if !probes
+        let Some(signer) = probes
             .channels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(channel)
-        {
+            .get(channel)
+            .cloned()
+        else {
             return Err(Error::Config(format!(
                 "probe: call listen_for_probes({channel:?}) first"
             )));
-        }
+        };
         // A round that straddles a move could return on the new node before the handlers
         // hear of the move (and the messages it may have lost): it proves nothing.
         let connection_before = (
@@ -667,8 +706,7 @@ impl Subscriber {
         let mut arrivals = Vec::with_capacity(masters.len());
         let mut sends = Vec::with_capacity(masters.len());
         for master in masters {
-            let n = probes.next.fetch_add(1, Ordering::Relaxed);
-            let payload = format!("probe:{:016x}:{n}", probes.nonce).into_bytes();
+            let payload = probe_payload(signer.as_ref());
             let (tx, rx) = oneshot::channel();
             probes
                 .waiting

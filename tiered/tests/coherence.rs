@@ -305,12 +305,17 @@ async fn junk_and_forged_messages_are_skipped_and_the_listener_lives_on() {
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
     assert_eq!(b.stats().l1_hits, before + 1);
     // A forged but well-formed message can at worst evict (a reload from L2 follows).
-    let forged = invalidation::message::encode(&invalidation::message::Message {
-        origin: 12345,
-        seq: 1,
-        sent_micros: invalidation::message::now_micros(),
-        action: invalidation::message::Action::Evict(vec![("k".into(), u64::MAX)]),
-    });
+    let forged = invalidation::message::encode(
+        &invalidation::message::Message {
+            origin: 12345,
+            seq: 1,
+            sent_micros: invalidation::message::now_micros(),
+            vouches: vec![],
+            action: invalidation::message::Action::Evict(vec![("k".into(), u64::MAX)]),
+            signature: None,
+        },
+        None,
+    );
     let mut conn = redis_conn(&server).await;
     let _: i64 = redis::cmd("PUBLISH")
         .arg("junk:!inval")
@@ -335,13 +340,18 @@ async fn a_sequence_gap_from_a_writer_drops_l1() {
     b.set("k", &"v1".to_string()).await.unwrap();
     let mut conn = redis_conn(&server).await;
     for seq in [1, 3] {
-        // A writer whose message 2 never arrived.
-        let m = invalidation::message::encode(&invalidation::message::Message {
-            origin: 777,
-            seq,
-            sent_micros: invalidation::message::now_micros(),
-            action: invalidation::message::Action::Evict(vec![("other".into(), 1)]),
-        });
+        // A writer whose message 2 was published (3 vouches for it) but never arrived.
+        let m = invalidation::message::encode(
+            &invalidation::message::Message {
+                origin: 777,
+                seq,
+                sent_micros: invalidation::message::now_micros(),
+                vouches: if seq == 3 { vec![2] } else { vec![] },
+                action: invalidation::message::Action::Evict(vec![("other".into(), 1)]),
+                signature: None,
+            },
+            None,
+        );
         let _: i64 = redis::cmd("PUBLISH")
             .arg("seq:!inval")
             .arg(m)
