@@ -967,6 +967,9 @@ where
             match written {
                 Ok(v) => {
                     version = v;
+                    // Published for certain: later messages vouch for its number, so a peer
+                    // that misses it sees a gap (an unpublished number never is one).
+                    self.publisher.acknowledged(&message);
                     // Before the L1 insert: an older write of this node's that finishes later
                     // keeps its value out.
                     self.admission.announced(&key, v);
@@ -1017,7 +1020,10 @@ where
         // invalidation below sees it when it re-checks, and drops its older value. A delete
         // whose outcome is unknown revokes instead.
         match &removed {
-            Ok(removal) => self.admission.announced(&key, removal.version),
+            Ok(removal) => {
+                self.publisher.acknowledged(&message);
+                self.admission.announced(&key, removal.version);
+            }
             Err(_) => self.admission.revoke(&key),
         }
         drop(ticket);
@@ -1035,11 +1041,12 @@ where
         let deleted = self.store.clear(&self.space).await;
         self.note_l2(deleted.as_ref().err());
         let deleted = deleted?;
-        let published = self
-            .store
-            .publish(self.publisher.channel(), &self.publisher.clear_namespace())
-            .await;
+        let message = self.publisher.clear_namespace();
+        let published = self.store.publish(self.publisher.channel(), &message).await;
         self.note_l2(published.as_ref().err());
+        if published.is_ok() {
+            self.publisher.acknowledged(&message);
+        }
         self.invalidate_local();
         published?;
         bump(&self.counters.invalidations_sent);

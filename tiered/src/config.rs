@@ -69,6 +69,11 @@ pub struct CacheConfig {
     /// The bus heartbeat timeout T ([`invalidation::BusConfig::heartbeat_timeout`]).
     #[serde(deserialize_with = "duration")]
     pub heartbeat_timeout: Option<Duration>,
+    /// The shared secret that signs the bus's messages ([`invalidation::BusConfig::secret`]);
+    /// every node of the namespace needs the same one. Never printed.
+    pub bus_secret: Option<String>,
+    /// See [`TieredCacheBuilder::max_key_len`].
+    pub max_key_len: Option<usize>,
     /// See [`TieredCacheBuilder::hit_ratio_floor`].
     pub hit_ratio_floor: Option<f64>,
     /// See [`TieredCacheBuilder::trace_keys`].
@@ -127,6 +132,8 @@ impl fmt::Debug for CacheConfig {
             .field("breaker_cooldown", &self.breaker_cooldown)
             .field("heartbeat", &self.heartbeat)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("bus_secret", &self.bus_secret.as_ref().map(|_| "<hidden>"))
+            .field("max_key_len", &self.max_key_len)
             .field("hit_ratio_floor", &self.hit_ratio_floor)
             .field("trace_keys", &self.trace_keys)
             .field("ttl", &self.ttl)
@@ -263,6 +270,15 @@ impl CacheConfig {
         }
         if let Some(v) = self.heartbeat_timeout {
             bus = bus.heartbeat_timeout(v);
+        }
+        if let Some(secret) = &self.bus_secret {
+            if secret.is_empty() {
+                return Err(Error::Config("bus_secret: empty".into()));
+            }
+            bus = bus.secret(secret);
+        }
+        if let Some(v) = self.max_key_len {
+            b = b.max_key_len(v);
         }
         b = b.bus_config(bus);
         if let Some(v) = self.hit_ratio_floor {

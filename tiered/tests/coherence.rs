@@ -562,3 +562,123 @@ async fn a_nodes_own_concurrent_writes_leave_the_newest_in_its_l1() {
         }
     }
 }
+
+fn forged(origin: u64, seq: u64, action: invalidation::message::Action) -> Vec<u8> {
+    invalidation::message::encode(
+        &invalidation::message::Message {
+            origin,
+            seq,
+            sent_micros: invalidation::message::now_micros(),
+            vouches: vec![],
+            action,
+            signature: None,
+        },
+        None,
+    )
+}
+
+/// Whoever can PUBLISH on the channel replays node A's own origin with huge versions and
+/// sequence numbers, then B writes the key 40 times: each of B's writes still reaches A
+/// within Δ (a forged origin never makes a real message look like A's own, and a forged
+/// version never hides a genuine one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_messages_under_a_nodes_own_origin_never_silence_it() {
+    use invalidation::message::Action;
+    let server = RedisServer::start();
+    let a = coherent_node(&server, "forge").await;
+    let b = coherent_node(&server, "forge").await;
+    a.set("k", &"v0".to_string()).await.unwrap();
+    assert_eq!(a.get("k").await.unwrap().as_deref(), Some("v0"));
+    // A's origin, learnt the way an attacker would: from A's own message on the channel.
+    let mut conn = redis_conn(&server).await;
+    let (origin, _) = {
+        let mut pubsub = redis::Client::open(server.url())
+            .unwrap()
+            .get_async_pubsub()
+            .await
+            .unwrap();
+        pubsub.subscribe("forge:!inval").await.unwrap();
+        let listen = async {
+            use futures_util::StreamExt as _;
+            let mut stream = pubsub.on_message();
+            a.set("k", &"v0".to_string()).await.unwrap();
+            let msg = stream.next().await.unwrap();
+            invalidation::message::origin_and_seq(msg.get_payload_bytes()).unwrap()
+        };
+        tokio::time::timeout(SOON, listen).await.unwrap()
+    };
+    let mut late = 0;
+    for round in 1..=40u64 {
+        for (seq, version) in [(u64::MAX, u64::MAX), (round * 1_000_000, u64::MAX - round)] {
+            let bytes = forged(origin, seq, Action::Evict(vec![("k".into(), version)]));
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("forge:!inval")
+                .arg(bytes)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let value = format!("v{round}");
+        b.set("k", &value).await.unwrap();
+        let acked = Instant::now();
+        loop {
+            if a.get("k").await.unwrap().as_deref() == Some(value.as_str()) {
+                break;
+            }
+            if acked.elapsed() > delta() {
+                late += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    assert_eq!(late, 0, "{late} of B's 40 writes reached A after Δ");
+}
+
+/// With a shared secret, messages from anyone without it do nothing (counted), and signed
+/// nodes still keep each other coherent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_secret_unsigned_and_forged_messages_do_nothing() {
+    use invalidation::message::Action;
+    let server = RedisServer::start();
+    let signed = || async {
+        builder(&server, "signed")
+            .bus_config(bus().secret("correct horse battery staple"))
+            .default_options(EntryOptions::new(Duration::from_secs(600)))
+            .build()
+            .await
+            .unwrap()
+    };
+    let a = signed().await;
+    let b = signed().await;
+    a.set("k", &"v1".to_string()).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    let mut conn = redis_conn(&server).await;
+    for (i, action) in [
+        Action::Evict(vec![("k".into(), u64::MAX)]),
+        Action::ClearNamespace,
+        Action::ClearAll,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("signed:!inval")
+            .arg(forged(777, i as u64 + 1, action))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    eventually(SOON, "the unsigned messages are counted", || async {
+        b.bus().stats().unsigned >= 3
+    })
+    .await;
+    assert!(
+        b.is_fresh_locally("k"),
+        "an unsigned message evicted B's copy"
+    );
+    assert_eq!(b.stats().gaps, 0);
+    // The signed nodes still hear each other.
+    a.set("k", &"v2".to_string()).await.unwrap();
+    reads_within(&b, "k", "v2", delta()).await;
+}
