@@ -145,6 +145,8 @@ struct Inner {
     conn: Connection,
     /// Set once `INFO` is refused (an ACL user without `@dangerous`): heartbeats use PING.
     info_denied: AtomicBool,
+    /// The server's clock as the heartbeat last read it: see [`Subscriber::run_id`].
+    clock: Mutex<ServerClock>,
     moves: AtomicU64,
     probes: Arc<Probes>,
 }
@@ -486,6 +488,7 @@ impl Subscriber {
             timeout: conn.timeout(),
             conn: conn.clone(),
             info_denied: AtomicBool::new(false),
+            clock: Mutex::default(),
             moves: AtomicU64::new(0),
             probes: Arc::new(Probes {
                 channels: Mutex::default(),
@@ -591,10 +594,32 @@ impl Subscriber {
             }
             other => other?,
         };
-        info.lines()
+        let run_id = info
+            .lines()
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(|id| id.trim().to_string())
-            .ok_or_else(|| Error::Config("INFO server has no run_id".into()))
+            .ok_or_else(|| Error::Config("INFO server has no run_id".into()))?;
+        // Write versions are taken from the server's clock (see the write scripts): a clock
+        // that steps back could give a vanished key a version below one a node still holds.
+        // Each step back is a change of identity, so every node drops its L1.
+        let time = info
+            .lines()
+            .find_map(|l| l.strip_prefix("server_time_usec:"))
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        let steps = match time {
+            Some(t) => self
+                .inner
+                .clock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(&run_id, t),
+            None => 0,
+        };
+        Ok(if steps == 0 {
+            run_id
+        } else {
+            format!("{run_id}@clockstep{steps}")
+        })
     }
 
     /// Subscribes to `channel` for [`Subscriber::probe`]. The channel should be this
@@ -832,6 +857,41 @@ impl Subscriber {
 /// peer's `PUBLISH` reaches this node over the link the peer opened (inbound here), so one
 /// that was dropped and made again changes the digest. Outbound links are left out: this
 /// node keeps remaking the one to a dead peer, which loses nothing.
+/// The highest server time the heartbeat has read from one server, and how many times it saw
+/// the clock go back by more than [`CLOCK_STEP`].
+#[derive(Debug, Default)]
+struct ServerClock {
+    run_id: String,
+    highest: u64,
+    steps: u64,
+}
+
+/// A step back smaller than this is not reported: beats overlap, and one read a little
+/// earlier may be looked at after a later one.
+const CLOCK_STEP: u64 = 1_000_000;
+
+impl ServerClock {
+    /// Notes `time` (µs) read from the server `run_id`; returns the steps back seen so far on
+    /// that server (another server starts over: a move is a gap of its own).
+    fn observe(&mut self, run_id: &str, time: u64) -> u64 {
+        if self.run_id != run_id {
+            *self = ServerClock {
+                run_id: run_id.to_string(),
+                highest: time,
+                steps: 0,
+            };
+            return 0;
+        }
+        if time.saturating_add(CLOCK_STEP) < self.highest {
+            self.steps += 1;
+            self.highest = time;
+        } else {
+            self.highest = self.highest.max(time);
+        }
+        self.steps
+    }
+}
+
 fn links_digest(value: &Value) -> u64 {
     use std::hash::{Hash, Hasher};
     let items = match value {
@@ -871,4 +931,22 @@ fn links_digest(value: &Value) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     links.hash(&mut hasher);
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_clock_stepping_back_is_counted_once_per_step() {
+        let mut c = ServerClock::default();
+        assert_eq!(c.observe("a", 10_000_000), 0);
+        assert_eq!(c.observe("a", 10_500_000), 0);
+        assert_eq!(c.observe("a", 10_200_000), 0, "beats read out of order");
+        assert_eq!(c.observe("a", 5_000_000), 1, "a step back of 5.5 s");
+        assert_eq!(c.observe("a", 5_100_000), 1);
+        assert_eq!(c.observe("b", 1_000), 0, "another server starts over");
+        assert_eq!(c.observe("b", u64::MAX), 0);
+        assert_eq!(c.observe("b", 0), 1);
+    }
 }
