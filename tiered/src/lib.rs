@@ -72,30 +72,58 @@
 //! ```
 //!
 //! # Consistency
-//! What a reader can observe, and when:
+//! The promise: **a read on any node never returns a value older than the newest change
+//! (`set`, `invalidate`, `clear`) acknowledged more than Δ before it**, where Δ = P + T (the
+//! bus's heartbeat period and timeout, [`invalidation::BusConfig`]; 1 s by default), and never
+//! older than [`EntryOptions::l1_time_to_live`] in any case. Stale values served on purpose
+//! (stale-while-revalidate, fail-safe) are the exceptions the options ask for.
 //!
-//! - **On the node that wrote.** After [`TieredCache::set`] or [`TieredCache::invalidate`]
-//!   returns, this node reads the new state: loads of the key that started earlier are
-//!   detached (their results reach neither L1 nor, through the lock, L2), and later callers
-//!   never join them.
-//! - **On other nodes.** Every `set`, `invalidate` and `clear` announces itself on the
-//!   [`invalidation`] bus, from the same Lua script that changes L2 (no change without its
-//!   announcement). Other nodes evict their copy when the message arrives (about one loopback
-//!   round trip), unless they already hold that write version or a newer one; a fill in flight
-//!   that read an older version is dropped. When messages may have been lost (disconnect,
-//!   resubscribe, restarted server, missed heartbeat, sequence gap) a node drops its whole L1
-//!   for the namespace before serving another hit. Messages that are only late are bounded
-//!   too: L1 answers only while the bus's [`invalidation::Lease`] holds, which a probe round
-//!   through every master renews every P once it has come back through pub/sub. So a read on
-//!   any node never returns a value older than the newest change acknowledged more than
-//!   **Δ = P + T** before it (P, T: the bus heartbeat period and timeout,
-//!   [`invalidation::BusConfig`]; 1 s by default), however slow the messages or this process,
-//!   and never older than [`EntryOptions::l1_time_to_live`] in any case.
-//!   Stale values served on purpose (stale-while-revalidate, fail-safe) are the exception the
-//!   options allow. A change made behind the cache's back (a raw `SET` in Redis) is seen after
-//!   the L1 time to live.
+//! How each part holds, and what it assumes:
+//!
+//! - **Versions only go up.** Every change is stamped inside the Lua script that makes it with
+//!   write version `max(previous + 1, server clock in µs)` (see `l2`'s scripts). While a key
+//!   exists its versions climb by one at least; once it is gone (`FLUSHALL`, `FLUSHDB`,
+//!   eviction of the entry and its tombstone under any `maxmemory` policy, an operator's `DEL`,
+//!   a decode-error eviction) the clock has moved past every version it had. So a node still
+//!   holding an old copy always sees the next announcement as newer. *Assumption:* the server's
+//!   clock does not step back while a key is absent. A step back of more than 1 s is seen by
+//!   the heartbeat (`INFO server`'s `server_time_usec`) and is a gap (every node drops L1); a
+//!   failover to a replica whose clock is behind is a gap already (the cluster's epoch
+//!   changes). A least-privilege user without `INFO` sees neither of those two.
+//! - **Every change is announced by the script that makes it** (no change without its
+//!   message) on the namespace's pub/sub channel. Every node, the writer included, evicts its
+//!   copy when the message arrives unless it holds that version or a newer one; a fill (load,
+//!   L2 read) that began before the message may only put that version or a newer one in L1.
+//!   One module, `coherence`, owns that admission rule for every path into L1.
+//! - **On the node that wrote.** A `set`, `invalidate` or `clear` runs to its end on a task of
+//!   its own once called: a caller that times out or drops the future never leaves L2 changed
+//!   and this node's L1 behind it. When the call returns, this node reads the new state: loads
+//!   that began earlier never fill L1 and later callers never join them. `set` with
+//!   [`EntryOptions::skip_l1`] drops this node's older copy. A write whose outcome is unknown
+//!   (an error from Redis) drops the key from this node's L1.
+//! - **Lost messages are gaps; late ones are bounded by the lease.** A node drops its whole L1
+//!   before its next hit when messages may have been lost: its subscriber disconnected or
+//!   resubscribed, the server restarted (or a cluster failed over, or its clock stepped back),
+//!   a heartbeat was missed, the in-process queue overflowed, or a message that a later one
+//!   vouches for (its write was acknowledged) did not arrive within T. A number taken by a
+//!   write that never reached Redis is vouched for by nobody, so it is no gap on other nodes;
+//!   the writer itself drops its L1 when its own link breaks. L1 answers only while the bus's
+//!   [`invalidation::Lease`] holds: every P a probe goes through every master and must come
+//!   back through pub/sub, proving everything published before it has arrived, which renews
+//!   the lease until that round's start + Δ. So an L1 hit is never more than Δ behind a change
+//!   however slow the messages or this process.
 //! - **In L2.** A load writes its result only while it holds the key's lock; a write or delete
 //!   breaks the lock, so a load that started before a write never overwrites it.
+//! - **Hostile messages.** Anyone allowed to `PUBLISH` on the channel can force evictions and
+//!   clears (never make a node keep a stale copy: a forged version can only cause an eviction
+//!   or refuse a fill, and the genuine message is still applied when it arrives). Limit who may
+//!   publish with ACL channel rules (`&namespace:*`, [`l2::KeySpace::acl_rules`]), or give
+//!   every node a shared secret ([`invalidation::BusConfig::secret`]): messages and probes are
+//!   then signed with HMAC-SHA256, and unsigned, forged or replayed ones are dropped and
+//!   counted ([`invalidation::BusStats`]).
+//! - **Changes behind the cache's back** (a raw `SET` in Redis, a `FLUSHALL`) are not
+//!   announced: a node may keep its copy until its L1 time to live ends. The next change made
+//!   through the cache reaches every node within Δ as usual.
 //! - **Stale values** are served only inside the windows the options allow: stale-while-
 //!   revalidate (a refresh is then running) and fail-safe (the load failed or is late).
 //! - **Cross-process dedup is best effort** (an efficiency lock, in Kleppmann's sense): a holder
@@ -103,6 +131,13 @@
 //!   ([`CacheStats::duplicate_loads`]) and never corrupts anything.
 //! - **Redis unavailable**: L1 hits are served as usual; misses call the loader, deduplicated
 //!   in this process only, and nothing is written to L2.
+//!
+//! Bad input is an error, never a panic: every duration option is checked on the builder and
+//! per call ([`Error::Config`] naming it; at most [`MAX_OPTION_DURATION`]), keys longer than
+//! [`TieredCacheBuilder::max_key_len`] are [`Error::KeyTooLong`] on every entry point, and
+//! durations read from Redis bytes saturate. The type tag written into every entry defaults to
+//! the Rust type's name and schema version, so two value types in one namespace never decode
+//! each other's bytes.
 
 mod batch;
 mod breaker;
