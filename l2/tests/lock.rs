@@ -199,13 +199,11 @@ async fn a_newer_write_breaks_the_lock_so_the_older_load_cannot_land() {
         .await
         .unwrap()
         .unwrap();
-    assert!(
-        store
-            .remove(&key, Duration::from_secs(60), None)
-            .await
-            .unwrap()
-            .existed
-    );
+    let removal = store
+        .remove(&key, Duration::from_secs(60), None)
+        .await
+        .unwrap();
+    assert!(removal.existed);
     assert!(
         store
             .complete_lock(&lock, &older, Duration::from_secs(60))
@@ -225,10 +223,10 @@ async fn a_newer_write_breaks_the_lock_so_the_older_load_cannot_land() {
         .complete_lock(&lock, &older, Duration::from_secs(60))
         .await
         .unwrap();
-    assert_eq!(
-        version,
-        Some(3),
-        "after the overwrite (1) and the delete (2)"
+    assert!(
+        version.is_some_and(|v| v > removal.version),
+        "a version above the delete's ({}): {version:?}",
+        removal.version
     );
     assert_eq!(server.command(&["EXISTS", &key.lock_key()]), "0");
     assert_eq!(
@@ -287,7 +285,10 @@ async fn waiters_are_woken_by_the_holders_write_not_by_polling() {
         start.elapsed() < Duration::from_secs(4),
         "woken by the notice, not the deadline"
     );
-    assert_eq!(writer.await.unwrap(), Some(1));
+    assert!(
+        writer.await.unwrap().is_some(),
+        "the holder's write lands with a version"
+    );
     assert_eq!(store.get(&key, &codec).await.unwrap().unwrap().value, "v");
 
     // A batch of locks is one round trip and releases wake waiters too.

@@ -101,11 +101,14 @@ type Floor = Arc<AtomicU64>;
 
 const REVOKED: u64 = u64::MAX;
 
+/// Per key, the tickets of the fills and writes running: (ticket id, its floor).
+type Tickets = HashMap<Arc<str>, Vec<(u64, Floor)>>;
+
 /// The tickets of every key being filled or written, and the rule they follow (see the module
 /// docs). One per cache.
 #[derive(Debug, Default)]
 pub(crate) struct Admission {
-    keys: Mutex<HashMap<Arc<str>, Vec<(u64, Floor)>>>,
+    keys: Mutex<Tickets>,
     next_id: AtomicU64,
 }
 
@@ -115,7 +118,7 @@ impl Admission {
     }
 
     // Short critical sections, no `.await` inside; a poisoned map is still consistent.
-    fn keys(&self) -> MutexGuard<'_, HashMap<Arc<str>, Vec<(u64, Floor)>>> {
+    fn keys(&self) -> MutexGuard<'_, Tickets> {
         lock(&self.keys)
     }
 

@@ -496,7 +496,12 @@ async fn l1_time_to_live_bounds_how_long_a_node_trusts_its_copy() {
     // second read; the test's point is the expiry after it.
     let ttl = Duration::from_secs(1);
     let opts = EntryOptions::new(Duration::from_secs(60)).l1_time_to_live(ttl);
-    let b = node_with(&server, "l1ttl", opts).await;
+    let b = builder(&server, "l1ttl")
+        .default_options(opts)
+        .type_name("l1ttl")
+        .build()
+        .await
+        .unwrap();
     // Changes that announce nothing (written behind the cache's back, or their messages lost
     // without a gap being noticed): no invalidation can reach b and evict its copy early.
     let codec = l2::Codec::<String>::new(l2::TypeTag::from_name("l1ttl"));
