@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Loads, SOON, builder, calls, eventually, node, node_with};
+use common::{Loads, SOON, builder, calls, eventually, node};
 use testkit::RedisServer;
 use tiered::{EntryOptions, Error, Loaded};
 use tokio::sync::{Barrier, Notify};
