@@ -170,6 +170,17 @@ impl RedisServer {
         command_at(self.addr(), args)
     }
 
+    /// A numeric field of `INFO section` (`used_memory` of `memory`, `evicted_keys` of
+    /// `stats`), or 0 if the server does not report it.
+    pub fn info_u64(&self, section: &str, field: &str) -> u64 {
+        let prefix = format!("{field}:");
+        self.command(&["INFO", section])
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{builder, node};
+use common::{builder, node, redis_conn};
 use testkit::RedisServer;
 use tiered::{EntryOptions, Error, TieredCache};
 
@@ -175,14 +175,6 @@ async fn huge_durations_in_redis_bytes_never_panic_a_reader() {
         .get_or_set("k", || async { Ok::<_, std::io::Error>("w".to_string()) })
         .await;
     let _ = reader.get("k").await;
-}
-
-async fn redis_conn(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
 }
 
 /// Two value types in one namespace: each reads the other's entries as foreign (a miss that

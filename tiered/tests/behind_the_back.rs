@@ -12,41 +12,15 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{SOON, builder, eventually};
-use invalidation::BusConfig;
+use common::{SOON, eventually, fast_bus, fast_node, long_lived};
 use testkit::RedisServer;
-use tiered::{EntryOptions, Loaded, TieredCache};
+use tiered::Loaded;
 
 const KEY: &str = "k";
 
-/// P = 100 ms, T = 100 ms: Δ = 200 ms.
-fn bus() -> BusConfig {
-    BusConfig::default()
-        .heartbeat(Duration::from_millis(100))
-        .heartbeat_timeout(Duration::from_millis(100))
-}
-
 /// When a read is judged: Δ + 100 ms after the change was acknowledged.
 fn judge_after() -> Duration {
-    bus().bound() + Duration::from_millis(100)
-}
-
-fn long_lived() -> EntryOptions {
-    EntryOptions::new(Duration::from_secs(300)).l1_time_to_live(Duration::from_secs(300))
-}
-
-async fn node(server: &RedisServer) -> TieredCache<String> {
-    let cache = builder(server, "btb")
-        .bus_config(bus())
-        .default_options(long_lived())
-        .build()
-        .await
-        .unwrap();
-    eventually(SOON, "the first probe round returns", || async {
-        cache.bus().lease().holds()
-    })
-    .await;
-    cache
+    fast_bus().bound() + Duration::from_millis(100)
 }
 
 /// The change made through the cache after the breach.
@@ -78,8 +52,8 @@ fn redis_keys(server: &RedisServer) -> Vec<String> {
 /// Runs one scenario: setup, `breach`, `change`; judges B and A Δ + 100 ms after it.
 async fn scenario(what: &str, held: Held, change: Change, breach: impl AsyncFnOnce(&RedisServer)) {
     let server = RedisServer::start();
-    let a = node(&server).await;
-    let b = node(&server).await;
+    let a = fast_node(server.url(), "btb").await;
+    let b = fast_node(server.url(), "btb").await;
     for v in 1..=5 {
         a.set(KEY, &format!("v{v}")).await.unwrap();
     }
@@ -251,12 +225,7 @@ async fn volatile_lru_eviction_of_a_tombstone_then_set_is_served_everywhere_with
 /// Sets a small `maxmemory` with `policy` and writes junk (with a TTL, so `volatile-lru`
 /// may evict it too) until every Redis key of `KEY` is gone; then lifts the limit again.
 async fn evict(server: &RedisServer, policy: &str) {
-    let used: u64 = server
-        .command(&["INFO", "memory"])
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
+    let used = server.info_u64("memory", "used_memory");
     let limit = (used + (1 << 20)).to_string();
     assert_eq!(
         server.command(&["CONFIG", "SET", "maxmemory-policy", policy]),
@@ -299,12 +268,7 @@ async fn evict(server: &RedisServer, policy: &str) {
         let _: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
     }
     assert_eq!(server.command(&["CONFIG", "SET", "maxmemory", "0"]), "OK");
-    let evicted = server
-        .command(&["INFO", "stats"])
-        .lines()
-        .find_map(|l| l.strip_prefix("evicted_keys:"))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default();
+    let evicted = server.info_u64("stats", "evicted_keys");
     println!("{policy}: the key is gone after {written} junk keys ({evicted} evicted)");
     assert!(redis_keys(server).is_empty());
 }

@@ -15,24 +15,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use common::{SOON, builder, eventually};
-use invalidation::BusConfig;
+use common::{SOON, eventually, fast_bus, fast_node, long_lived};
 use testkit::RedisServer;
-use tiered::{EntryOptions, TieredCache};
-
-/// P = 100 ms, T = 100 ms: Δ = 200 ms.
-fn bus() -> BusConfig {
-    BusConfig::default()
-        .heartbeat(Duration::from_millis(100))
-        .heartbeat_timeout(Duration::from_millis(100))
-}
+use tiered::TieredCache;
 
 fn judge_after() -> Duration {
-    bus().bound() + Duration::from_millis(100)
-}
-
-fn options() -> EntryOptions {
-    EntryOptions::new(Duration::from_secs(300)).l1_time_to_live(Duration::from_secs(300))
+    fast_bus().bound() + Duration::from_millis(100)
 }
 
 const MAX_CUTS: usize = 200;
@@ -118,19 +106,7 @@ struct Nodes {
 
 async fn nodes(namespace: &str) -> Nodes {
     let server = RedisServer::start();
-    let node = async || {
-        let n = builder(&server, namespace)
-            .bus_config(bus())
-            .default_options(options())
-            .build()
-            .await
-            .unwrap();
-        eventually(SOON, "the first probe round returns", || async {
-            n.bus().lease().holds()
-        })
-        .await;
-        n
-    };
+    let node = async || fast_node(server.url(), namespace).await;
     let (w, b, truth) = (node().await, node().await, node().await);
     Nodes {
         _server: server,
@@ -164,7 +140,7 @@ impl Nodes {
         for _ in 0..5 {
             let in_redis = self
                 .truth
-                .get_with(key, options().skip_l1(true))
+                .get_with(key, long_lived().skip_l1(true))
                 .await
                 .unwrap();
             for (name, n) in [("writer", &self.w), ("B", &self.b)] {
@@ -308,7 +284,7 @@ async fn set_with_skip_l1_does_not_leave_the_writers_old_copy() {
     nodes.prepare(Call::Set, "k").await;
     nodes
         .w
-        .set_with("k", &"k-new".to_string(), options().skip_l1(true))
+        .set_with("k", &"k-new".to_string(), long_lived().skip_l1(true))
         .await
         .unwrap();
     assert_eq!(

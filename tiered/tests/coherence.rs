@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{SOON, builder, eventually};
+use common::{SOON, builder, eventually, redis_conn};
 use invalidation::BusConfig;
 use testkit::RedisServer;
 use tiered::{EntryOptions, TieredCache};
@@ -370,14 +370,6 @@ async fn a_sequence_gap_from_a_writer_drops_l1() {
         before + 1,
         "L1 was dropped: read from L2"
     );
-}
-
-async fn redis_conn(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -188,12 +188,7 @@ fn three_nodes_stay_coherent_under_allkeys_lru_eviction() {
     let log = EvictionLog::start(&server);
     let mut junk = 0u64;
     let outcome = checker::run("checker_node", &run(Target::single(server.url())), || {
-        let used: u64 = server
-            .command(&["INFO", "memory"])
-            .lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap();
+        let used = server.info_u64("memory", "used_memory");
         server.command(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
         server.command(&[
             "CONFIG",
@@ -211,12 +206,7 @@ fn three_nodes_stay_coherent_under_allkeys_lru_eviction() {
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    let evicted = server
-        .command(&["INFO", "stats"])
-        .lines()
-        .find_map(|l| l.strip_prefix("evicted_keys:"))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default();
+    let evicted = server.info_u64("stats", "evicted_keys");
     let evictions = log.finish();
     let ops = with_vanishings(&outcome.ops, &[], &evictions);
     let report = check(&ops, bus().bound());

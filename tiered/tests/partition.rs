@@ -12,46 +12,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{SOON, eventually};
-use invalidation::BusConfig;
+use common::{SOON, eventually, fast_bus, fast_node};
 use testkit::{Proxy, RedisServer};
-use tiered::{EntryOptions, TieredCache};
-
-/// P = 100 ms, T = 100 ms: Δ = 200 ms.
-fn bus() -> BusConfig {
-    BusConfig::default()
-        .heartbeat(Duration::from_millis(100))
-        .heartbeat_timeout(Duration::from_millis(100))
-}
 
 fn delta() -> Duration {
-    bus().bound()
-}
-
-async fn node(url: String) -> TieredCache<String> {
-    let cache = TieredCache::builder()
-        .namespace("part")
-        .redis_url(url)
-        .bus_config(bus())
-        .default_options(
-            EntryOptions::new(Duration::from_secs(300)).l1_time_to_live(Duration::from_secs(300)),
-        )
-        .build()
-        .await
-        .unwrap();
-    eventually(SOON, "the first probe round returns", || async {
-        cache.bus().lease().holds()
-    })
-    .await;
-    cache
+    fast_bus().bound()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_drops_the_writers_l1_and_no_other_nodes() {
     let server = RedisServer::start();
     let proxy = Proxy::start(server.addr());
-    let a = node(proxy.url()).await;
-    let b = node(server.url()).await;
+    let a = fast_node(proxy.url(), "part").await;
+    let b = fast_node(server.url(), "part").await;
     let keys: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
     for k in &keys {
         a.set(k, &format!("{k}-v1")).await.unwrap();
@@ -117,8 +90,8 @@ async fn a_partitioned_node_serves_nothing_older_than_allowed_and_catches_up() {
     const KEYS: usize = 20;
     let server = RedisServer::start();
     let proxy = Proxy::start(server.addr());
-    let a = node(proxy.url()).await;
-    let b = node(server.url()).await;
+    let a = fast_node(proxy.url(), "part").await;
+    let b = fast_node(server.url(), "part").await;
     // Values are "k{key}-{n}"; n counts B's writes of that key (0: the seed).
     let value = |key: usize, n: u64| format!("k{key}-{n}");
     for key in 0..KEYS {

@@ -85,6 +85,45 @@ impl Loads {
     }
 }
 
+/// The bus of the fault tests: P = 100 ms, T = 100 ms, so Δ = 200 ms.
+pub fn fast_bus() -> invalidation::BusConfig {
+    invalidation::BusConfig::default()
+        .heartbeat(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_millis(100))
+}
+
+/// Options under which only a change can end an L1 copy: fresh for 300 s in both tiers.
+pub fn long_lived() -> EntryOptions {
+    EntryOptions::new(Duration::from_secs(300)).l1_time_to_live(Duration::from_secs(300))
+}
+
+/// A node of `namespace` at `url` with [`fast_bus`] and [`long_lived`] options, returned once
+/// its first probe round is back (its L1 answers).
+pub async fn fast_node(url: String, namespace: &str) -> TieredCache<String> {
+    let cache = TieredCache::builder()
+        .namespace(namespace)
+        .redis_url(url)
+        .bus_config(fast_bus())
+        .default_options(long_lived())
+        .build()
+        .await
+        .unwrap();
+    eventually(SOON, "the first probe round returns", || async {
+        cache.bus().lease().holds()
+    })
+    .await;
+    cache
+}
+
+/// A plain redis-rs connection to `server` (to act behind the cache's back).
+pub async fn redis_conn(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
 /// Polls `check` every 10 ms until it holds, for at most `within`; panics with `what`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
