@@ -107,11 +107,15 @@ impl BusConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GapReason {
-    /// The subscriber connection dropped (killed, output buffer limit, server gone).
+    /// Not raised any more on the drop itself: the resubscription that follows it is the gap
+    /// ([`GapReason::Resubscribed`]), so L1 entries stay usable under the cache's outage
+    /// policy while Redis is unreachable.
     Disconnected,
     /// The channel was subscribed again after a reconnect.
     Resubscribed,
-    /// A heartbeat was not answered within its timeout (server stopped, connection half-open).
+    /// Not raised any more: a missed heartbeat only stops the lease's renewal (see
+    /// [`crate::BusStats::heartbeats_missed`]); what it could hide (a restart, a dropped
+    /// connection) is a gap of its own once Redis answers again.
     HeartbeatMissed,
     /// The server's `run_id` changed: it restarted. On a cluster also: the cluster's epoch
     /// changed (a failover, which may have lost the old master's last writes), or the
@@ -754,8 +758,11 @@ impl State {
                     }
                 }
                 Raw::Disconnected => {
+                    // Messages published from now on are lost, but nothing is dropped yet:
+                    // the lease stops being renewed (so L1 stops answering as confirmed within
+                    // Δ of the last proof), L1 entries stay for the outage policy, and the
+                    // resubscription that ends the outage is the gap (see `Raw::Subscribed`).
                     counters.down();
-                    plan.gap_all = Some(GapReason::Disconnected);
                 }
                 Raw::Subscribed(channel) => {
                     // The first confirmation is the subscription itself, not a gap.
@@ -784,8 +791,11 @@ impl State {
                         Err(e) => {
                             counters.down();
                             counters.heartbeats_missed.fetch_add(1, Ordering::Relaxed);
+                            // No gap: a connection that stays up loses no messages (a paused or
+                            // stopped server delivers them late), and the lease, no longer
+                            // renewed, bounds how late. A connection that drops is a gap when it
+                            // is made again; a restarted server, by its new run_id.
                             tracing::warn!(target: "invalidation", error = %e, "heartbeat missed");
-                            plan.gap_all = Some(GapReason::HeartbeatMissed);
                         }
                     }
                     match probe {

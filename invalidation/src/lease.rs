@@ -38,6 +38,14 @@ impl Lease {
         nanos(now.saturating_duration_since(self.base)) < self.until.load(Ordering::Acquire)
     }
 
+    /// How long ago the lease ran out, at `now` (`None` while it holds): how long this process
+    /// has gone without proof that every invalidation reached it, beyond Δ.
+    pub fn lapsed_for(&self, now: std::time::Instant) -> Option<Duration> {
+        let at = nanos(now.saturating_duration_since(self.base));
+        let until = self.until.load(Ordering::Acquire);
+        (at >= until).then(|| Duration::from_nanos(at - until))
+    }
+
     /// Whether the lease holds now.
     pub fn holds(&self) -> bool {
         self.holds_at(std::time::Instant::now())
@@ -75,6 +83,11 @@ mod tests {
         // A round that started earlier but came back later does not shorten it.
         lease.confirm(t0 + Duration::from_millis(100));
         assert!(lease.holds_at(t0 + Duration::from_millis(799)));
+        assert_eq!(lease.lapsed_for(t0 + Duration::from_millis(700)), None);
+        assert_eq!(
+            lease.lapsed_for(t0 + Duration::from_millis(1_050)),
+            Some(Duration::from_millis(250))
+        );
         // A clone is the same lease.
         let clone = lease.clone();
         lease.confirm(t0 + Duration::from_secs(2));

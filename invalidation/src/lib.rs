@@ -35,10 +35,11 @@
 //! Redis pub/sub delivers at most once, in order. A message published while a subscriber is
 //! disconnected is lost for good, so the bus turns every way of losing one into a gap event:
 //!
-//! - the connection drops ([`GapReason::Disconnected`]; killed, or cut off by the client output
-//!   buffer limit) and is resubscribed ([`GapReason::Resubscribed`]);
-//! - a heartbeat (`INFO server` on the subscriber connection every P) is not answered within T
-//!   ([`GapReason::HeartbeatMissed`]: a stopped server or a half-open connection);
+//! - the connection dropped (killed, cut off by the client output buffer limit, the server
+//!   gone) and is subscribed again ([`GapReason::Resubscribed`]). The gap is raised when the
+//!   connection is back, not when it drops: while Redis is unreachable nothing can be
+//!   published, the lease (below) stops L1 from answering as confirmed, and the cache's outage
+//!   policy decides what its L1 entries may still serve;
 //! - the server's `run_id` changes, or on a cluster its epoch (a failover)
 //!   ([`GapReason::ServerRestarted`]);
 //! - a message its writer knew was published (a later message vouches for it) has not
@@ -46,6 +47,10 @@
 //!   never published, is never missed (the argument is in the `sequence` module);
 //! - messages come faster than this process applies them and its queue is full
 //!   ([`GapReason::Overflow`]; the queue is bounded, [`QUEUE_CAPACITY`]).
+//!
+//! A heartbeat (`INFO server` on the subscriber connection every P) that is not answered within
+//! T is counted ([`BusStats::heartbeats_missed`]) and marks the bus down; it is no gap by itself:
+//! on a connection that stays up, messages are late, never lost.
 //!
 //! Losing a message is one risk; a message that is merely late is the other (an overloaded
 //! server, or on a cluster the bus between the master that published it and the node this

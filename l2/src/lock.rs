@@ -120,8 +120,51 @@ impl RedisStore {
             .arg("NX")
             .arg("PX")
             .arg(ms);
-        let reply: Option<String> = self.note(self.connection().query("lock", &cmd).await)?;
-        Ok(reply.map(|_| lock))
+        let reply: Result<Option<String>> = self.note(self.connection().query("lock", &cmd).await);
+        match reply {
+            Ok(reply) => Ok(reply.map(|_| lock)),
+            Err(e) => {
+                // A command that timed out may still run on the server (a paused or stopped
+                // one runs it when it resumes): that lock must not outlive the outage.
+                self.abandon(vec![lock], ttl, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Releases `locks` (compare-and-delete by token, waking their waiters). If Redis cannot
+    /// be reached, a task keeps trying every 100 ms until `ttl` has passed (the locks expire
+    /// by then): a lock left behind by an outage would otherwise make every caller of its
+    /// key wait out its TTL once Redis is back.
+    pub async fn release(&self, locks: Vec<Lock>, ttl: Duration) {
+        if locks.is_empty() {
+            return;
+        }
+        if let Err(e) = self.unlock_many(&locks).await {
+            self.abandon(locks, ttl, &e);
+        }
+    }
+
+    /// After `error` on a command that held, or may have taken, `locks`: if Redis was
+    /// unreachable, releases them in the background until `ttl` has passed.
+    fn abandon(&self, locks: Vec<Lock>, ttl: Duration, error: &crate::Error) {
+        if !error.is_unavailable() || locks.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        rt.spawn(async move {
+            let deadline = tokio::time::Instant::now() + ttl;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match store.unlock_many(&locks).await {
+                    Err(e) if e.is_unavailable() => {}
+                    _ => return,
+                }
+            }
+        });
     }
 
     /// Reads `key` as [`RedisStore::lookup`] does and, unless the entry is fresh, tries to take
@@ -146,7 +189,7 @@ impl RedisStore {
         };
         let limit = codec.limit();
         let end = i64::try_from(limit).unwrap_or(i64::MAX);
-        let reply: Vec<redis::Value> = self.note(
+        let reply: Result<Vec<redis::Value>> = self.note(
             self.connection()
                 .invoke(
                     "read or lock",
@@ -158,7 +201,15 @@ impl RedisStore {
                         .arg(ms),
                 )
                 .await,
-        )?;
+        );
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                // As in `try_lock`: the script may still run once the server answers again.
+                self.abandon(vec![lock], ttl, &e);
+                return Err(e);
+            }
+        };
         let mut it = reply.into_iter();
         let (Some(bytes), Some(len), Some(pttl), Some(locked)) =
             (it.next(), it.next(), it.next(), it.next())
@@ -277,11 +328,13 @@ impl RedisStore {
             Ok(replies) => replies,
             Err(e) => {
                 // On a cluster some slots' parts may have taken their locks before another
-                // part failed: release ours (the release compares the token, so locks others
-                // hold are untouched), best effort, rather than leave waiters to their TTL.
+                // part failed, and a timed-out pipeline may still run on the server: release
+                // ours (the release compares the token, so locks others hold are untouched)
+                // rather than leave waiters to their TTL.
                 if self.connection().is_cluster() {
                     let _ = self.unlock_many(&locks).await;
                 }
+                self.abandon(locks, ttl, &e);
                 return Err(e);
             }
         };

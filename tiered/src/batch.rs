@@ -33,6 +33,8 @@ where
     let mut seen = HashSet::with_capacity(keys.len());
     let mut waiters: Vec<Waiter<Option<V>>> = Vec::new();
     let mut claims: Vec<Claim<Option<V>>> = Vec::new();
+    // Fresh L1 entries the bus cannot vouch for, usable under the outage policy.
+    let mut outage: HashMap<String, Option<V>> = HashMap::new();
     for key in keys {
         let key = key.as_ref();
         if !seen.insert(key) {
@@ -45,7 +47,7 @@ where
             && let Some(entry) = inner.l1.get(key)
             && entry.is_fresh_at(now)
         {
-            if confirmed {
+            if confirmed || entry.value().local {
                 inner.counters.l1_hits.bump();
                 if let Some(v) = entry.value().value.clone() {
                     out.insert(key.to_string(), v);
@@ -53,6 +55,13 @@ where
                 continue;
             }
             bump(&inner.counters.l1_unconfirmed);
+            if inner
+                .lease
+                .lapsed_for(now)
+                .is_some_and(|lapsed| lapsed < opts.outage_staleness)
+            {
+                outage.insert(key.to_string(), entry.value().value.clone());
+            }
         }
         // Join a load in flight, or claim the key so single-key callers join ours.
         let (waiter, claim) = inner.loads.join_or_claim(key);
@@ -65,7 +74,7 @@ where
         let limit = inner.max_load_time;
         tokio::spawn(async move {
             tokio::select! {
-                _ = tokio::time::timeout(limit, resolve_many(&inner, claims, opts, load)) => {}
+                _ = tokio::time::timeout(limit, resolve_many(&inner, claims, outage, opts, load)) => {}
                 _ = closed.changed() => {}
             }
         });
@@ -91,6 +100,7 @@ where
 async fn resolve_many<V, F, Fut, I, E>(
     inner: &Arc<Inner<V>>,
     claims: Vec<Claim<Option<V>>>,
+    mut outage: HashMap<String, Option<V>>,
     opts: EntryOptions,
     load: F,
 ) where
@@ -134,6 +144,23 @@ async fn resolve_many<V, F, Fut, I, E>(
             return;
         }
     }
+    if !l2_usable && !opts.skip_l2 {
+        // The outage policy, as for a single key: what L1 holds answers for those keys.
+        let mut left = Vec::with_capacity(claims.len());
+        for (claim, rkey) in claims {
+            match outage.remove(claim.key()) {
+                Some(value) => {
+                    bump(&inner.counters.outage_served);
+                    claim.finish(Ok(value));
+                }
+                None => left.push((claim, rkey)),
+            }
+        }
+        claims = left;
+        if claims.is_empty() {
+            return;
+        }
+    }
     if l2_usable {
         let rkeys: Vec<Key> = claims.iter().map(|(_, k)| k.clone()).collect();
         let locked = inner.store.try_lock_many(&rkeys, inner.lock_ttl).await;
@@ -145,6 +172,7 @@ async fn resolve_many<V, F, Fut, I, E>(
         bump(&inner.counters.misses);
     }
     let names: Vec<String> = claims.iter().map(|(c, _)| c.key().to_string()).collect();
+    let started = Instant::now();
     let loaded = tokio::spawn(async move {
         load(names)
             .await
@@ -174,7 +202,7 @@ async fn resolve_many<V, F, Fut, I, E>(
         Err(e) => {
             bump(&inner.counters.load_errors);
             let held: Vec<Lock> = locks.into_iter().flatten().collect();
-            let _ = inner.store.unlock_many(&held).await;
+            inner.store.release(held, inner.lock_ttl).await;
             for (claim, _) in claims {
                 claim.finish(Err(e.clone()));
             }
@@ -230,7 +258,7 @@ async fn resolve_many<V, F, Fut, I, E>(
         Some((true, i)) => written_negative.get(i).copied().unwrap_or(Some(0)),
         None => Some(0),
     };
-    let _ = inner.store.unlock_many(&release).await;
+    inner.store.release(release, inner.lock_ttl).await;
     for (claim, value, weight, slot) in results {
         // A write refused because the lock passed on: a newer value exists; keep ours out of L1.
         let Some(version) = outcome(slot) else {
@@ -245,10 +273,19 @@ async fn resolve_many<V, F, Fut, I, E>(
             };
             let (f, l) = (lifetimes.fresh_for, lifetimes.stale_for);
             let key: Arc<str> = claim.key().into();
-            let entry = inner
-                .entry(value.clone(), weight, f, l, &opts)
-                .version(version);
-            inner.fill(&key, entry, &opts, &claim.token()).await;
+            // As in a single load: a value Redis never saw is this node's for Δ at most.
+            let entry = if version == 0 && !opts.skip_l2 {
+                inner.local_entry(value.clone(), weight, started, f, &opts)
+            } else {
+                Some(
+                    inner
+                        .entry(value.clone(), weight, f, l, &opts)
+                        .version(version),
+                )
+            };
+            if let Some(entry) = entry {
+                inner.fill(&key, entry, &opts, &claim.token()).await;
+            }
         }
         claim.finish(Ok(value));
     }
@@ -272,7 +309,7 @@ where
         Ok(written) => written,
         Err(_) => {
             let locks: Vec<Lock> = writes.iter().map(|(l, _)| l.clone()).collect();
-            let _ = inner.store.unlock_many(&locks).await;
+            inner.store.release(locks, inner.lock_ttl).await;
             vec![Some(0); writes.len()]
         }
     }

@@ -80,6 +80,17 @@ impl Breaker {
         }
     }
 
+    /// Redis was seen answering another way (the bus subscribed to it again): close the
+    /// circuit now rather than after the cool-down. If L2 still fails, the threshold opens it
+    /// again.
+    pub(crate) fn reset(&self) {
+        if self.tripped.load(Ordering::Relaxed) {
+            tracing::info!(target: "tiered::breaker", "the bus reached Redis again: circuit closed");
+        }
+        *self.state() = State::Closed { failures: 0 };
+        self.tripped.store(false, Ordering::Relaxed);
+    }
+
     pub(crate) fn success(&self) {
         if !self.dirty.load(Ordering::Acquire) {
             return;

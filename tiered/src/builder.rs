@@ -395,6 +395,7 @@ where
             lease: bus.lease().clone(),
             admission,
             max_key_len: self.max_key_len,
+            delta: bus.config().bound(),
             hit_ratio_floor: self.hit_ratio_floor,
             trace_keys: self.trace_keys,
         };

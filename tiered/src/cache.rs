@@ -86,6 +86,10 @@ impl<V> From<V> for Loaded<V> {
 pub(crate) struct Held<V> {
     pub(crate) value: Option<V>,
     fresh_until: Instant,
+    /// Loaded by this node while Redis was unreachable: its L1 freshness ends Δ after the
+    /// load began, and until then it answers without the bus's lease (it is as fresh as
+    /// anything the lease could vouch for).
+    pub(crate) local: bool,
 }
 
 pub(crate) type L1Entry<V> = Arc<Entry<Held<V>>>;
@@ -96,6 +100,9 @@ struct Fallback<V> {
     version: u64,
     fresh: bool,
     in_swr: bool,
+    /// Fresh by its own TTL, unconfirmed by the lease, and the lease ran out less than the
+    /// outage staleness ago: servable if Redis cannot be asked (the outage policy).
+    outage: bool,
 }
 
 impl<V: Clone> Fallback<V> {
@@ -109,6 +116,7 @@ impl<V: Clone> Fallback<V> {
             version: entry.write_version(),
             fresh: now < held.fresh_until,
             in_swr: now < later(held.fresh_until, opts.swr),
+            outage: false,
         }
     }
 
@@ -122,7 +130,9 @@ impl<V: Clone> Fallback<V> {
         lease: &invalidation::Lease,
     ) -> Self {
         let mut fallback = Self::from_l1(entry, opts);
-        if !lease.holds() {
+        let now = Instant::now();
+        if let Some(lapsed) = lease.lapsed_for(now) {
+            fallback.outage = entry.is_fresh_at(now) && lapsed < opts.outage_staleness;
             fallback.fresh = false;
             fallback.in_swr = false;
         }
@@ -156,6 +166,7 @@ pub(crate) struct Counters {
     pub(crate) invalidations_ignored: AtomicU64,
     pub(crate) gaps: AtomicU64,
     pub(crate) l1_unconfirmed: AtomicU64,
+    pub(crate) outage_served: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -233,6 +244,10 @@ pub struct CacheStats {
     /// it had not proven within Δ that every invalidation arrived (a slow server or cluster
     /// bus, or this process stalled). See [`invalidation::Lease`].
     pub l1_unconfirmed: u64,
+    /// Reads answered under the outage policy: Redis could not be asked and the bus could not
+    /// vouch for L1, and an L1 entry fresh by its own TTL was served within
+    /// [`EntryOptions::outage_staleness`].
+    pub outage_served: u64,
     /// The L1 tier's own counters.
     pub l1: l1::Stats,
     /// The L2 store's counters (shared by caches on the same store).
@@ -242,7 +257,7 @@ pub struct CacheStats {
 impl CacheStats {
     /// The share of reads answered from a tier (L1 or L2) rather than the loader.
     pub fn hit_ratio(&self) -> f64 {
-        let hits = self.l1_hits + self.l2_hits + self.stale_served;
+        let hits = self.l1_hits + self.l2_hits + self.stale_served + self.outage_served;
         let total = hits + self.misses;
         if total == 0 {
             return 0.0;
@@ -275,6 +290,8 @@ pub(crate) struct Inner<V> {
     pub(crate) admission: Arc<Admission>,
     /// The longest key calls accept.
     pub(crate) max_key_len: usize,
+    /// The bus's staleness bound Δ.
+    pub(crate) delta: Duration,
     pub(crate) hit_ratio_floor: f64,
     pub(crate) trace_keys: bool,
 }
@@ -782,6 +799,7 @@ where
             invalidations_ignored: get(&c.invalidations_ignored),
             gaps: get(&c.gaps),
             l1_unconfirmed: get(&c.l1_unconfirmed),
+            outage_served: get(&c.outage_served),
             l1: self.inner.l1.stats(),
             l2: self.inner.store.stats(),
         }
@@ -817,6 +835,7 @@ enum L2Read<V> {
 struct LockGuard {
     store: RedisStore,
     lock: Option<Lock>,
+    ttl: Duration,
 }
 
 impl LockGuard {
@@ -830,10 +849,8 @@ impl Drop for LockGuard {
         if let Some(lock) = self.lock.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            let store = self.store.clone();
-            rt.spawn(async move {
-                let _ = store.unlock(&lock).await;
-            });
+            let (store, ttl) = (self.store.clone(), self.ttl);
+            rt.spawn(async move { store.release(vec![lock], ttl).await });
         }
     }
 }
@@ -870,10 +887,11 @@ where
         if !entry.is_fresh_at(now) {
             return Err(Some(entry));
         }
-        if !confirmed {
+        if !confirmed && !entry.value().local {
             // The bus has not proven within Δ that every invalidation arrived: the entry
             // may be older than allowed. Not an answer; a stale candidate at most (see
-            // `Fallback::from_candidate`).
+            // `Fallback::from_candidate`). An entry this node loaded itself less than Δ ago
+            // needs no such proof.
             bump(&self.counters.l1_unconfirmed);
             return Err(Some(entry));
         }
@@ -1094,6 +1112,7 @@ where
         let held = Held {
             value,
             fresh_until: later(now, fresh),
+            local: false,
         };
         Entry::new(Arc::clone(&self.namespace), held)
             .weight(weight)
@@ -1113,6 +1132,7 @@ where
         let held = Held {
             value: f.value.clone(),
             fresh_until: later(now, fresh),
+            local: false,
         };
         Entry::new(Arc::clone(&self.namespace), held)
             .weight(f.size)
@@ -1328,7 +1348,7 @@ where
             match read {
                 L2Read::Fresh(f) => {
                     if let LockAttempt::Taken(lock) = &attempt {
-                        let _ = self.store.unlock(lock).await;
+                        self.store.release(vec![lock.clone()], self.lock_ttl).await;
                     }
                     trace::tier("l2");
                     bump(&self.counters.l2_hits);
@@ -1358,6 +1378,18 @@ where
                     l2_error = Some(e);
                 }
             }
+        }
+        // The outage policy: Redis cannot be asked and the bus cannot vouch for L1, but an
+        // L1 entry fresh by its own TTL is still inside the outage staleness.
+        if !l2_usable
+            && !opts.skip_l2
+            && let Some(fb) = &fallback
+            && fb.outage
+        {
+            bump(&self.counters.outage_served);
+            trace::tier("l1");
+            tracing::debug!(target: "tiered::outage", "serving an L1 entry the bus cannot vouch for: Redis is unreachable");
+            return Ok(fb.value.clone());
         }
         let Some(loader) = loader else {
             if let Some(fb) = fallback.filter(|f| f.in_swr) {
@@ -1415,7 +1447,7 @@ where
                     // The value may have landed between our read and the lock.
                     match self.l2_read(rkey).await {
                         L2Read::Fresh(f) => {
-                            let _ = self.store.unlock(&lock).await;
+                            self.store.release(vec![lock], self.lock_ttl).await;
                             bump(&self.counters.l2_hits);
                             let entry = self.entry_from_l2(&f, opts);
                             self.fill(key, entry, opts, token).await;
@@ -1469,10 +1501,12 @@ where
         token: &FlightToken<Option<V>>,
         lock: Option<Lock>,
     ) -> Result<Option<V>> {
+        let started = Instant::now();
         let mut task = AbortOnDrop(tokio::spawn(loader()));
         let mut guard = LockGuard {
             store: self.store.clone(),
             lock,
+            ttl: self.lock_ttl,
         };
         let extend_every = self.lock_ttl / 3;
         let extend = tokio::time::sleep(extend_every);
@@ -1523,7 +1557,7 @@ where
                 };
                 // Release now (and wake the waiters, one of which loads again).
                 if let Some(lock) = guard.take() {
-                    let _ = self.store.unlock(&lock).await;
+                    self.store.release(vec![lock], self.lock_ttl).await;
                 }
                 if let Some(fb) = fallback.filter(|f| f.usable(opts)) {
                     self.serve_fail_safe(key, &fb, opts, token, &error).await;
@@ -1545,7 +1579,7 @@ where
                 // "Not found" is not cached: release the lock and answer.
                 None => {
                     if let Some(lock) = guard.take() {
-                        let _ = self.store.unlock(&lock).await;
+                        self.store.release(vec![lock], self.lock_ttl).await;
                     }
                     return Ok(None);
                 }
@@ -1589,11 +1623,52 @@ where
         }
         drop(guard);
         if may_fill {
-            let entry = self
-                .entry(value.clone(), weight, fresh, life, opts)
-                .version(version);
-            self.fill(key, entry, opts, token).await;
+            let entry = if version == 0 && !opts.skip_l2 {
+                // Redis could not be asked or written: nobody else will see this value, and
+                // no lock kept its load unique. This node may use it for Δ from the load's
+                // start (see `Held::local`), and not longer.
+                self.local_entry(value.clone(), weight, started, fresh, opts)
+            } else {
+                Some(
+                    self.entry(value.clone(), weight, fresh, life, opts)
+                        .version(version),
+                )
+            };
+            if let Some(entry) = entry {
+                self.fill(key, entry, opts, token).await;
+            }
         }
         Ok(value)
+    }
+
+    /// An L1 entry for a value loaded from the source at `started` without Redis: fresh (and
+    /// answering without the lease) until `started` + Δ at most, then kept for fail-safe as
+    /// an ordinary entry would be. `None` if Δ has passed already.
+    pub(crate) fn local_entry(
+        &self,
+        value: Option<V>,
+        weight: usize,
+        started: Instant,
+        fresh: Duration,
+        opts: &EntryOptions,
+    ) -> Option<Entry<Held<V>>> {
+        let trusted = self.delta.checked_sub(started.elapsed())?;
+        let fresh = fresh.min(trusted);
+        if fresh.is_zero() {
+            return None;
+        }
+        let life = fresh.max(opts.fail_safe_max);
+        let now = Instant::now();
+        let held = Held {
+            value,
+            fresh_until: later(now, fresh),
+            local: true,
+        };
+        Some(
+            Entry::new(Arc::clone(&self.namespace), held)
+                .weight(weight)
+                .time_to_live(life)
+                .fresh_for(fresh),
+        )
     }
 }

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use invalidation::{Bus, Event};
+use invalidation::{Bus, Event, GapReason};
 use l1::{Entry, LocalCache};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -87,9 +87,14 @@ where
                 bump(&c.invalidations_received);
             }
         }
-        Event::Gap(_) => {
+        Event::Gap(reason) => {
             inner.invalidate_local();
             bump(&c.gaps);
+            // The bus reached Redis again: so may the next read, without waiting out the
+            // breaker's cool-down (L1 was just dropped; an error now would help nobody).
+            if matches!(reason, GapReason::Resubscribed | GapReason::ServerRestarted) {
+                inner.breaker.reset();
+            }
         }
         _ => inner.invalidate_local(),
     }

@@ -167,7 +167,8 @@ pub use invalidation;
 pub use l1;
 pub use l2;
 pub use options::{
-    DEFAULT_FAIL_SAFE_THROTTLE, DEFAULT_HARD_TIMEOUT, EntryOptions, MAX_OPTION_DURATION,
+    DEFAULT_FAIL_SAFE_THROTTLE, DEFAULT_HARD_TIMEOUT, DEFAULT_OUTAGE_STALENESS, EntryOptions,
+    MAX_OPTION_DURATION,
 };
 
 #[cfg(test)]

@@ -62,6 +62,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "tiered_bus_probes_late_total",
         "pub/sub probe rounds that did not come back within the heartbeat timeout",
     ),
+    (
+        "tiered_outage_served_total",
+        "L1 entries served under the outage policy while Redis was unreachable",
+    ),
 ];
 
 pub(crate) fn describe() {
@@ -130,6 +134,7 @@ where
         get(&c.gaps),
         get(&c.l1_unconfirmed),
         bus.probes_late,
+        get(&c.outage_served),
     ];
     for ((name, _), value) in COUNTERS.iter().zip(values) {
         counter!(*name, "namespace" => ns.clone()).absolute(value);

@@ -6,6 +6,8 @@ use std::time::Duration;
 pub const DEFAULT_HARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default fail-safe throttle: see [`EntryOptions::fail_safe_throttle`].
 pub const DEFAULT_FAIL_SAFE_THROTTLE: Duration = Duration::from_secs(30);
+/// The default outage staleness: see [`EntryOptions::outage_staleness`].
+pub const DEFAULT_OUTAGE_STALENESS: Duration = Duration::from_secs(30);
 /// The longest any duration option may be: ten years. Longer ones are refused with
 /// [`Error::Config`](crate::Error::Config) naming the option (deadlines are computed from them,
 /// and Redis keeps expiries in milliseconds).
@@ -48,6 +50,7 @@ pub struct EntryOptions {
     pub(crate) negative_ttl: Option<Duration>,
     pub(crate) skip_l1: bool,
     pub(crate) skip_l2: bool,
+    pub(crate) outage_staleness: Duration,
 }
 
 impl EntryOptions {
@@ -66,6 +69,7 @@ impl EntryOptions {
             negative_ttl: None,
             skip_l1: false,
             skip_l2: false,
+            outage_staleness: DEFAULT_OUTAGE_STALENESS,
         }
     }
 
@@ -151,6 +155,27 @@ impl EntryOptions {
         self
     }
 
+    /// The outage policy: how long, once the invalidation bus can no longer prove that every
+    /// change reached this node (its lease ran out) *and* Redis cannot be asked (timeouts,
+    /// connection errors, the circuit breaker open), L1 entries that are fresh by their own
+    /// TTL are still served, as outage answers ([`CacheStats::outage_served`](crate::CacheStats::outage_served)).
+    /// A read is then at most Δ + `staleness` behind a change acknowledged on another node
+    /// that can still reach Redis (a partition); when Redis itself is down nobody can
+    /// acknowledge a change, so nothing is missed. `Duration::ZERO` is the strict mode: such
+    /// reads fail with the Redis error instead ([`Error::is_unavailable`](crate::Error::is_unavailable)).
+    ///
+    /// Whatever the policy, a value this node loaded itself while Redis was unreachable is
+    /// used for Δ from the start of its load (it is as fresh as anything the bus could vouch
+    /// for), so the loader runs at most once per key per Δ during an outage, and no such
+    /// value outlives Δ.
+    /// Default: [`DEFAULT_OUTAGE_STALENESS`] (30 s): long enough to ride out a Redis restart
+    /// or failover without an error or a database stampede, short enough that a node cut off
+    /// from Redis stops serving what it holds soon after.
+    pub fn outage_staleness(mut self, staleness: Duration) -> Self {
+        self.outage_staleness = staleness;
+        self
+    }
+
     /// The time to live: how long a written value is fresh.
     pub fn ttl(&self) -> Duration {
         self.ttl
@@ -209,6 +234,7 @@ impl EntryOptions {
             ("hard_timeout", Some(self.hard_timeout)),
             ("jitter", Some(self.jitter)),
             ("negative_ttl", self.negative_ttl),
+            ("outage_staleness", Some(self.outage_staleness)),
         ];
         for (name, value) in bounded {
             if let Some(d) = value
@@ -306,7 +332,7 @@ mod tests {
     fn every_duration_at_its_extremes_is_refused_by_name_never_a_panic() {
         let base = EntryOptions::new(Duration::from_secs(1));
         let max = Duration::MAX;
-        let cases: [(&str, EntryOptions); 9] = [
+        let cases: [(&str, EntryOptions); 10] = [
             ("time_to_live", base.time_to_live(max)),
             ("l1_time_to_live", base.l1_time_to_live(max)),
             ("stale_while_revalidate", base.stale_while_revalidate(max)),
@@ -316,6 +342,7 @@ mod tests {
             ("hard_timeout", base.hard_timeout(max)),
             ("jitter", base.jitter(max)),
             ("negative_ttl", base.negative_ttl(max)),
+            ("outage_staleness", base.outage_staleness(max)),
         ];
         for (name, o) in cases {
             let e = o.problem().unwrap_err();

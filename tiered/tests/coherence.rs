@@ -176,33 +176,63 @@ async fn killing_the_subscriber_connection_drops_l1_and_it_comes_back() {
     assert!(b.stats().invalidations_received > received);
 }
 
+/// A stopped Redis (SIGSTOP): the heartbeat misses, the bus is down and the lease runs out,
+/// so L1 stops answering as confirmed. Under the strict outage policy a read is then the
+/// Redis error; under a lenient one the L1 copy is an outage answer (counted). Nothing is
+/// dropped (a stopped server loses no message), and once it resumes L1 answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_redis_is_noticed_by_the_heartbeat_and_l1_is_dropped() {
+async fn a_stopped_redis_is_noticed_by_the_heartbeat_and_l1_stops_answering() {
     let mut server = RedisServer::start();
-    let b = coherent_node(&server, "stop").await;
-    b.set("k", &"v1".to_string()).await.unwrap();
-    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    let options = EntryOptions::new(Duration::from_secs(600)).hard_timeout(Duration::from_secs(2));
+    let node = |staleness: Duration| {
+        builder(&server, "stop")
+            .bus_config(bus())
+            .l2_timeout(Duration::from_millis(200))
+            .default_options(options.outage_staleness(staleness))
+            .build()
+    };
+    let strict = node(Duration::ZERO).await.unwrap();
+    let lenient = node(Duration::from_secs(60)).await.unwrap();
+    strict.set("k", &"v1".to_string()).await.unwrap();
+    for n in [&strict, &lenient] {
+        assert_eq!(n.get("k").await.unwrap().as_deref(), Some("v1"));
+    }
     server.pause();
-    // Longer than P + T: the heartbeat misses and L1 goes.
-    eventually(SOON, "the heartbeat misses and L1 goes", || async {
-        let stats = b.bus().stats();
-        stats.heartbeats_missed >= 1 && !stats.connected && b.stats().gaps >= 1
-    })
+    eventually(
+        SOON,
+        "the heartbeat misses and the lease runs out",
+        || async {
+            [&strict, &lenient].iter().all(|n| {
+                let stats = n.bus().stats();
+                stats.heartbeats_missed >= 1 && !stats.connected && !n.bus().lease().holds()
+            })
+        },
+    )
     .await;
-    let err = b.get("k").await.unwrap_err();
+    let err = strict.get("k").await.unwrap_err();
     assert!(
         err.is_unavailable(),
-        "not served from L1 any more, and L2 cannot answer: {err:?}"
+        "strict: not served from L1 any more, and L2 cannot answer: {err:?}"
     );
+    assert_eq!(
+        lenient.get("k").await.unwrap().as_deref(),
+        Some("v1"),
+        "lenient: the L1 copy is an outage answer"
+    );
+    assert!(lenient.stats().outage_served >= 1);
+    assert_eq!(strict.stats().outage_served, 0);
     server.resume();
-    eventually(SOON, "the bus recovers", || async {
-        b.bus().stats().connected
-    })
-    .await;
-    eventually(SOON, "reads work again", || async {
-        b.get("k").await.ok().flatten().as_deref() == Some("v1")
-    })
-    .await;
+    for n in [&strict, &lenient] {
+        eventually(SOON, "the bus recovers", || async {
+            n.bus().stats().connected && n.bus().lease().holds()
+        })
+        .await;
+        eventually(SOON, "reads work again", || async {
+            n.get("k").await.ok().flatten().as_deref() == Some("v1")
+        })
+        .await;
+        assert_eq!(n.stats().gaps, 0, "a stopped server lost no message");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{SOON, eventually, fast_bus, fast_node};
+use common::{SOON, eventually, fast_bus, fast_node, fast_node_with, long_lived};
 use testkit::{Proxy, RedisServer};
 
 fn delta() -> Duration {
@@ -85,12 +85,33 @@ struct Read {
     result: Result<Option<u64>, String>,
 }
 
+/// Strict outage policy: while A is cut off, nothing it serves is more than Δ behind B's
+/// acknowledged writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partitioned_node_serves_nothing_older_than_allowed_and_catches_up() {
+async fn a_partitioned_strict_node_serves_nothing_older_than_delta_and_catches_up() {
+    partitioned(Duration::ZERO).await;
+}
+
+/// The default kind of outage policy (here 500 ms of outage staleness): A keeps answering from
+/// L1, never more than Δ + 500 ms behind B's acknowledged writes, and catches up after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_serves_within_its_outage_staleness_and_catches_up() {
+    partitioned(Duration::from_millis(500)).await;
+}
+
+/// A is blackholed for 2 s while B writes; every read A makes is judged against the bound
+/// its outage policy documents (Δ + `outage_staleness`).
+async fn partitioned(outage_staleness: Duration) {
     const KEYS: usize = 20;
     let server = RedisServer::start();
     let proxy = Proxy::start(server.addr());
-    let a = fast_node(proxy.url(), "part").await;
+    let allowed = delta() + outage_staleness;
+    let a = fast_node_with(
+        proxy.url(),
+        "part",
+        long_lived().outage_staleness(outage_staleness),
+    )
+    .await;
     let b = fast_node(server.url(), "part").await;
     // Values are "k{key}-{n}"; n counts B's writes of that key (0: the seed).
     let value = |key: usize, n: u64| format!("k{key}-{n}");
@@ -174,7 +195,7 @@ async fn a_partitioned_node_serves_nothing_older_than_allowed_and_catches_up() {
                     .iter()
                     .enumerate()
                     .skip(*seen as usize + 1)
-                    .find(|(_, at)| **at + delta() < read.start);
+                    .find(|(_, at)| **at + allowed < read.start);
                 if let Some((newer, at)) = newer_acked {
                     violations.push(format!(
                         "k{} read version {seen} at +{:?} (blackhole at 0), {:?} after write \
@@ -195,18 +216,28 @@ async fn a_partitioned_node_serves_nothing_older_than_allowed_and_catches_up() {
         .iter()
         .filter(|r| r.start >= holed && r.start < restored && r.result.is_ok())
         .count();
+    let outage_served = a_stats_during.outage_served - a_stats_before.outage_served;
     println!(
-        "partition: B wrote {written} times in 2 s; A read {} times ({during} during the \
-         blackhole, {during_ok} of them answered): {ok} values, {none} nothing, {errors} errors \
-         {errors_by_text:?}; A's L1 hits during it {}, L1 unconfirmed {}, gaps {}",
+        "partition (outage staleness {outage_staleness:?}): B wrote {written} times in 2 s; A \
+         read {} times ({during} during the blackhole, {during_ok} of them answered): {ok} \
+         values, {none} nothing, {errors} errors {errors_by_text:?}; A's L1 hits during it {}, \
+         L1 unconfirmed {}, outage answers {outage_served}, gaps {}",
         reads.len(),
         a_stats_during.l1_hits - a_stats_before.l1_hits,
         a_stats_during.l1_unconfirmed - a_stats_before.l1_unconfirmed,
         a_stats_during.gaps - a_stats_before.gaps,
     );
+    if outage_staleness.is_zero() {
+        assert_eq!(
+            outage_served, 0,
+            "the strict policy serves no outage answers"
+        );
+    } else {
+        assert!(outage_served > 0, "A kept answering from L1 while cut off");
+    }
     assert!(
         violations.is_empty(),
-        "{} of A's reads were older than allowed, e.g. {:?}",
+        "{} of A's reads were older than allowed ({allowed:?}), e.g. {:?}",
         violations.len(),
         &violations[..violations.len().min(5)]
     );

@@ -100,11 +100,20 @@ pub fn long_lived() -> EntryOptions {
 /// A node of `namespace` at `url` with [`fast_bus`] and [`long_lived`] options, returned once
 /// its first probe round is back (its L1 answers).
 pub async fn fast_node(url: String, namespace: &str) -> TieredCache<String> {
+    fast_node_with(url, namespace, long_lived()).await
+}
+
+/// As [`fast_node`], with `options` as the defaults.
+pub async fn fast_node_with(
+    url: String,
+    namespace: &str,
+    options: EntryOptions,
+) -> TieredCache<String> {
     let cache = TieredCache::builder()
         .namespace(namespace)
         .redis_url(url)
         .bus_config(fast_bus())
-        .default_options(long_lived())
+        .default_options(options)
         .build()
         .await
         .unwrap();
