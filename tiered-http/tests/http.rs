@@ -557,3 +557,79 @@ async fn a_slow_handler_gets_a_gateway_timeout_and_its_answer_lands_later() {
     assert_eq!(later.x_cache.as_deref(), Some("HIT"));
     assert_eq!(counts.other.load(Ordering::SeqCst), 1);
 }
+
+/// Redis paused for 2 s under steady requests: warm responses keep coming from L1 (outage
+/// answers) and cold ones reach their handler at most once per resource per Δ, never as a
+/// stampede; every request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_is_neither_an_error_storm_nor_a_stampede() {
+    let redis = RedisServer::start();
+    let bus = tiered::invalidation::BusConfig::default()
+        .heartbeat(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_millis(100));
+    let delta = bus.bound();
+    let cache = ResponseCache::builder()
+        .redis_url(redis.url())
+        .namespace("pause")
+        .bus_config(bus)
+        .route(
+            "/products",
+            Route::tagged("products").time_to_live(Duration::from_secs(300)),
+        )
+        .route(
+            "/other",
+            Route::tagged("other").time_to_live(Duration::from_secs(300)),
+        )
+        .build()
+        .await
+        .unwrap();
+    let counts = Shared::default();
+    let app = app(&cache, counts.clone());
+    for id in 0..20 {
+        assert_eq!(
+            get_(&app, &format!("/products/{id}")).await.status,
+            StatusCode::OK
+        );
+    }
+    let warm_runs = counts.products.load(Ordering::SeqCst);
+    let length = Duration::from_secs(2);
+    let window = length + Duration::from_millis(300);
+    assert_eq!(redis.command(&["CLIENT", "PAUSE", "2000", "ALL"]), "OK");
+    let start = std::time::Instant::now();
+    let (mut answered, mut failed, mut i) = (0, 0, 0usize);
+    let mut took = Vec::new();
+    while start.elapsed() < window {
+        i += 1;
+        // Warm products, and one cold resource (/other?n=…) among ten.
+        let uri = if i % 2 == 0 {
+            format!("/products/{}", i % 20)
+        } else {
+            format!("/other?n={}", i % 10)
+        };
+        let begin = std::time::Instant::now();
+        let answer = get_(&app, &uri).await;
+        took.push(begin.elapsed());
+        if answer.status == StatusCode::OK {
+            answered += 1;
+        } else {
+            failed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    took.sort();
+    let p99 = took[(took.len() - 1) * 99 / 100];
+    let product_runs = counts.products.load(Ordering::SeqCst) - warm_runs;
+    let other_runs = counts.other.load(Ordering::SeqCst);
+    let bound = (window.as_millis() / delta.as_millis()) as usize + 2;
+    println!(
+        "http under a 2 s CLIENT PAUSE: {answered} answered, {failed} failed, p99 {p99:?}; \
+         handler runs: warm products {product_runs}, cold resources {other_runs} for 10 \
+         (at most {bound} each)"
+    );
+    assert_eq!(failed, 0, "every request is answered");
+    assert_eq!(product_runs, 0, "warm responses come from L1");
+    assert!(
+        other_runs <= 10 * bound,
+        "{other_runs} handler runs for 10 cold resources"
+    );
+}

@@ -129,8 +129,21 @@
 //! - **Cross-process dedup is best effort** (an efficiency lock, in Kleppmann's sense): a holder
 //!   paused past its lock's TTL, or a Redis restart, can cost a duplicate load; it is counted
 //!   ([`CacheStats::duplicate_loads`]) and never corrupts anything.
-//! - **Redis unavailable**: L1 hits are served as usual; misses call the loader, deduplicated
-//!   in this process only, and nothing is written to L2.
+//! - **Redis unavailable: the outage policy.** Once the bus can no longer prove delivery, L1
+//!   stops answering as confirmed within Δ of the last proof. When Redis cannot be asked
+//!   either (timeouts, connection errors, the circuit breaker open), an L1 entry fresh by its
+//!   own TTL is served as an outage answer ([`CacheStats::outage_served`]) for
+//!   [`EntryOptions::outage_staleness`] past that (30 s by default; zero is the strict mode,
+//!   which returns the Redis error instead). What a reader can observe then: no node that
+//!   cannot reach Redis acknowledges a write (`set`, `invalidate` and `clear` fail with a typed
+//!   error), so when Redis itself is down nothing is missed; a node cut off alone may miss
+//!   writes that others acknowledge, and serves at most Δ + `outage_staleness` behind them.
+//!   Misses call the loader, deduplicated in this process only, nothing is written to L2, and
+//!   the value is used for Δ from the start of its load (it is as fresh as anything the bus
+//!   could vouch for) and no longer: at most one loader run per key per Δ however many
+//!   callers. When Redis answers again, a connection that dropped is a gap (L1 is dropped as
+//!   it resubscribes) and one that only stalled delivers its late messages before the lease
+//!   renews; locks this node took or may have taken during the outage are released.
 //!
 //! Bad input is an error, never a panic: every duration option is checked on the builder and
 //! per call ([`Error::Config`] naming it; at most [`MAX_OPTION_DURATION`]), keys longer than

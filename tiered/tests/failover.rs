@@ -41,6 +41,7 @@ fn a_master_killed_during_the_workload_costs_errors_only_while_it_fails_over() {
         replica_ack_timeout: Some(Duration::from_millis(500)),
         node_url: None,
         cancel_writes: None,
+        outage_staleness: None,
     };
     let mut kill_us = 0;
     let mut failover = Duration::ZERO;

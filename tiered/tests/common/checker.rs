@@ -45,6 +45,8 @@ pub struct Run {
     /// One node whose writes and deletes run under a random timeout below this, so some are
     /// cancelled mid-way (recorded as failed: they may have landed).
     pub cancel_writes: Option<(u32, Duration)>,
+    /// The nodes' outage staleness ([`EntryOptions::outage_staleness`]); the default if `None`.
+    pub outage_staleness: Option<Duration>,
 }
 
 impl Run {
@@ -56,6 +58,7 @@ impl Run {
             replica_ack_timeout: None,
             node_url: None,
             cancel_writes: None,
+            outage_staleness: None,
         }
     }
 }
@@ -71,6 +74,9 @@ pub struct Outcome {
     pub errors: Vec<(u64, String)>,
     /// Per node: the invalidation gaps it saw (each drops its L1).
     pub gaps: Vec<u64>,
+    /// Per node: reads answered under the outage policy (L1 entries the bus could not vouch
+    /// for while Redis was unreachable).
+    pub outage_served: Vec<u64>,
 }
 
 /// The body of a helper node; does nothing unless the parent set `TIERED_CHECKER_URLS`.
@@ -97,11 +103,15 @@ pub fn node_main() {
     let cancel_us: Option<u64> = std::env::var("TIERED_CHECKER_CANCEL_US")
         .ok()
         .map(|v| v.parse().unwrap());
+    let mut options = EntryOptions::new(Duration::from_secs(600));
+    if let Ok(ms) = std::env::var("TIERED_CHECKER_OUTAGE_MS") {
+        options = options.outage_staleness(Duration::from_millis(ms.parse().unwrap()));
+    }
     super::node_runtime().block_on(async move {
         let mut builder = TieredCache::builder()
             .namespace("checker")
             .bus_config(bus())
-            .default_options(EntryOptions::new(Duration::from_secs(600)));
+            .default_options(options);
         builder = if cluster {
             builder.redis_cluster(urls.split(','))
         } else {
@@ -184,16 +194,18 @@ pub fn node_main() {
         let s = cache.stats();
         println!(
             "NODE {node}: l1 hits {}, l2 hits {}, invalidations received {}, ignored {}, gaps {}, \
-             L1 unconfirmed {}, probe rounds late {}",
+             L1 unconfirmed {}, probe rounds late {}, outage answers {}",
             s.l1_hits,
             s.l2_hits,
             s.invalidations_received,
             s.invalidations_ignored,
             s.gaps,
             s.l1_unconfirmed,
-            cache.bus().stats().probes_late
+            cache.bus().stats().probes_late,
+            s.outage_served
         );
         println!("GAPS {}", s.gaps);
+        println!("OUTAGE {}", s.outage_served);
     });
 }
 
@@ -239,6 +251,9 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
             if let Some(t) = run.replica_ack_timeout {
                 cmd.env("TIERED_CHECKER_ACK_MS", t.as_millis().to_string());
             }
+            if let Some(t) = run.outage_staleness {
+                cmd.env("TIERED_CHECKER_OUTAGE_MS", t.as_millis().to_string());
+            }
             cmd.spawn().unwrap()
         })
         .collect();
@@ -252,6 +267,7 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
     let mut ops = Vec::new();
     let mut errors = Vec::new();
     let mut gaps = Vec::new();
+    let mut outage_served = Vec::new();
     for child in children {
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -269,6 +285,8 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
                 errors.push((us.parse().unwrap(), text.to_string()));
             } else if let Some(at) = line.find("GAPS ") {
                 gaps.push(line[at + 5..].trim().parse().unwrap());
+            } else if let Some(at) = line.find("OUTAGE ") {
+                outage_served.push(line[at + 7..].trim().parse().unwrap());
             } else if let Some(at) = line.find("NODE ") {
                 println!("{}", &line[at..]);
             }
@@ -281,5 +299,6 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
         errors_us: errors.iter().map(|e| e.0).collect(),
         errors,
         gaps,
+        outage_served,
     }
 }
