@@ -9,10 +9,11 @@ use l2::{Key, Lock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::cache::{BoxError, Inner, TieredCache, bump};
+use crate::cache::{BoxError, Inner, TieredCache};
 use crate::error::{Error, Result};
 use crate::flight::{Claim, Waiter};
 use crate::options::EntryOptions;
+use crate::stats::bump;
 
 pub(crate) async fn get_or_set_many<V, K, F, Fut, I, E>(
     cache: &TieredCache<V>,

@@ -13,11 +13,12 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use crate::breaker::Breaker;
-use crate::cache::{Counters, Inner, Lifeline, TieredCache};
+use crate::cache::{Inner, Lifeline, TieredCache};
 use crate::coherence::Admission;
 use crate::error::{Error, Result};
 use crate::flight::Flights;
 use crate::options::EntryOptions;
+use crate::stats::Counters;
 
 /// The default longest key: see [`TieredCacheBuilder::max_key_len`].
 pub const DEFAULT_MAX_KEY_LEN: usize = 16 * 1024;

@@ -27,7 +27,8 @@ use l1::{Entry, LocalCache};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::cache::{Inner, bump};
+use crate::cache::Inner;
+use crate::stats::bump;
 
 /// Registers `inner` as the consumer of `channel`. Holds it weakly, so a bus shared with
 /// other caches does not keep this one alive.

@@ -163,6 +163,7 @@ mod flight;
 mod health;
 mod metrics;
 mod options;
+mod stats;
 mod trace;
 
 pub use breaker::BreakerState;
@@ -170,7 +171,7 @@ pub use builder::{
     DEFAULT_LOCK_TTL, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_LOAD_TIME, DEFAULT_TTL, MAX_KEY_LEN,
     TieredCacheBuilder,
 };
-pub use cache::{BoxError, CacheStats, Loaded, TieredCache};
+pub use cache::{BoxError, Loaded, TieredCache};
 pub use config::CacheConfig;
 pub use error::{Error, Result};
 pub use health::{
@@ -183,6 +184,7 @@ pub use options::{
     DEFAULT_FAIL_SAFE_THROTTLE, DEFAULT_HARD_TIMEOUT, DEFAULT_OUTAGE_STALENESS, EntryOptions,
     MAX_OPTION_DURATION,
 };
+pub use stats::CacheStats;
 
 #[cfg(test)]
 mod tests {
