@@ -9,7 +9,7 @@ use l2::{Key, Lock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::cache::{BoxError, Inner, TieredCache};
+use crate::cache::{BoxError, Fallback, Inner, TieredCache};
 use crate::error::{Error, Result};
 use crate::flight::{Claim, Waiter};
 use crate::options::EntryOptions;
@@ -41,28 +41,20 @@ where
         if !seen.insert(key) {
             continue;
         }
-        // The lease before the entry, as in `l1_lookup`.
-        let now = Instant::now();
-        let confirmed = inner.lease.holds_at(now);
-        if !opts.skip_l1
-            && let Some(entry) = inner.l1.get(key)
-            && entry.is_fresh_at(now)
-        {
-            if confirmed || entry.value().local {
-                inner.counters.l1_hits.bump();
-                if let Some(v) = entry.value().value.clone() {
+        match inner.l1_lookup(key, &opts) {
+            Ok(hit) => {
+                if let Some(v) = hit {
                     out.insert(key.to_string(), v);
                 }
                 continue;
             }
-            bump(&inner.counters.l1_unconfirmed);
-            if inner
-                .lease
-                .lapsed_for(now)
-                .is_some_and(|lapsed| lapsed < opts.outage_staleness)
-            {
-                outage.insert(key.to_string(), entry.value().value.clone());
+            Err(Some(candidate)) => {
+                let fallback = Fallback::from_candidate(&candidate, &opts, &inner.lease);
+                if fallback.outage {
+                    outage.insert(key.to_string(), fallback.value);
+                }
             }
+            Err(None) => {}
         }
         // Join a load in flight, or claim the key so single-key callers join ours.
         let (waiter, claim) = inner.loads.join_or_claim(key);
@@ -130,11 +122,9 @@ async fn resolve_many<V, F, Fut, I, E>(
             for ((claim, rkey), fetched) in claims.into_iter().zip(found) {
                 match fetched {
                     Some(f) if f.is_fresh() => {
-                        bump(&inner.counters.l2_hits);
                         let key: Arc<str> = claim.key().into();
-                        let entry = inner.entry_from_l2(&f, &opts);
-                        inner.fill(&key, entry, &opts, &claim.token()).await;
-                        claim.finish(Ok(f.value));
+                        let value = inner.answer_from_l2(&key, f, &opts, &claim.token()).await;
+                        claim.finish(Ok(value));
                     }
                     _ => missing.push((claim, rkey)),
                 }

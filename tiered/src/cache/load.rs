@@ -15,7 +15,7 @@ use crate::flight::FlightToken;
 use crate::options::EntryOptions;
 use crate::trace;
 
-use super::read::{Fallback, Held, L2Read};
+use super::read::{Fallback, Cached, L2Read};
 use super::{Inner, Loaded, Loader, later};
 use crate::stats::bump;
 
@@ -123,10 +123,7 @@ where
                     match self.l2_read(rkey).await {
                         L2Read::Fresh(f) => {
                             self.store.release(vec![lock], self.lock_ttl).await;
-                            bump(&self.counters.l2_hits);
-                            let entry = self.entry_from_l2(&f, opts);
-                            self.fill(key, entry, opts, token).await;
-                            return Ok(f.value);
+                            return Ok(self.answer_from_l2(key, f, opts, token).await);
                         }
                         L2Read::Stale(f) if fallback.is_none() => {
                             let entry = self.entry_from_l2(&f, opts);
@@ -146,10 +143,7 @@ where
                     wait.notified(poll).await;
                     match self.l2_read(rkey).await {
                         L2Read::Fresh(f) => {
-                            bump(&self.counters.l2_hits);
-                            let entry = self.entry_from_l2(&f, opts);
-                            self.fill(key, entry, opts, token).await;
-                            return Ok(f.value);
+                            return Ok(self.answer_from_l2(key, f, opts, token).await);
                         }
                         L2Read::Down(_) => break,
                         L2Read::Stale(_) | L2Read::Miss => {}
@@ -301,7 +295,7 @@ where
             let entry = if version == 0 && !opts.skip_l2 {
                 // Redis could not be asked or written: nobody else will see this value, and
                 // no lock kept its load unique. This node may use it for Δ from the load's
-                // start (see `Held::local`), and not longer.
+                // start (see `Cached::local`), and not longer.
                 self.local_entry(value.clone(), weight, started, fresh, opts)
             } else {
                 Some(
@@ -326,7 +320,7 @@ where
         started: Instant,
         fresh: Duration,
         opts: &EntryOptions,
-    ) -> Option<Entry<Held<V>>> {
+    ) -> Option<Entry<Cached<V>>> {
         let trusted = self.delta.checked_sub(started.elapsed())?;
         let fresh = fresh.min(trusted);
         if fresh.is_zero() {
@@ -334,7 +328,7 @@ where
         }
         let life = fresh.max(opts.fail_safe_max);
         let now = Instant::now();
-        let held = Held {
+        let held = Cached {
             value,
             fresh_until: later(now, fresh),
             local: true,

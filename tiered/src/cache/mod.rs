@@ -27,7 +27,7 @@ mod read;
 mod write;
 
 use crate::stats::{CacheStats, Counters, bump};
-pub(crate) use read::Held;
+pub(crate) use read::{Cached, Fallback};
 
 /// What a loader's error may be: anything that converts into a boxed error (`std` errors,
 /// `anyhow::Error`, strings).
@@ -89,7 +89,7 @@ impl<V> From<V> for Loaded<V> {
 pub(crate) struct Inner<V> {
     pub(crate) namespace: Arc<str>,
     pub(crate) space: KeySpace,
-    pub(crate) l1: LocalCache<Held<V>>,
+    pub(crate) l1: LocalCache<Cached<V>>,
     pub(crate) store: RedisStore,
     pub(crate) codec: Codec<V>,
     pub(crate) waiters: LockWaiters,
@@ -305,7 +305,7 @@ where
         });
         // Boxed, so the future of a hit stays small (a hit would otherwise copy the whole
         // slow path's state around).
-        let result = Box::pin(self.inner.slow(key, *options, Some(loader), candidate))
+        let result = Box::pin(self.inner.past_l1(key, *options, Some(loader), candidate))
             .instrument(span.clone())
             .await
             .and_then(|value| found(key, value));
@@ -348,7 +348,7 @@ where
             }
             Err(candidate) => {
                 let span = self.inner.span("get", key);
-                let result = Box::pin(self.inner.slow(key, *options, None, candidate))
+                let result = Box::pin(self.inner.past_l1(key, *options, None, candidate))
                     .instrument(span.clone())
                     .await;
                 trace::outcome(&span, &result);

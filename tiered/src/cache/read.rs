@@ -22,7 +22,7 @@ use crate::stats::bump;
 /// What L1 holds: the value (or a cached "not found") and its logical deadlines. The L1
 /// entry's own freshness ([`Entry::is_fresh`]) is how long this node trusts it without asking
 /// L2; its expiry is the end of its stale and fail-safe life.
-pub(crate) struct Held<V> {
+pub(crate) struct Cached<V> {
     pub(crate) value: Option<V>,
     pub(crate) fresh_until: Instant,
     /// Loaded by this node while Redis was unreachable: its L1 freshness ends Δ after the
@@ -31,7 +31,7 @@ pub(crate) struct Held<V> {
     pub(crate) local: bool,
 }
 
-pub(crate) type L1Entry<V> = Arc<Entry<Held<V>>>;
+pub(crate) type L1Entry<V> = Arc<Entry<Cached<V>>>;
 
 /// A value kept to serve when a fresh one cannot be had.
 pub(crate) struct Fallback<V> {
@@ -47,7 +47,7 @@ pub(crate) struct Fallback<V> {
 impl<V: Clone> Fallback<V> {
     /// The stale-while-revalidate window is the caller's (`opts`), counted from the end of
     /// the value's freshness.
-    pub(crate) fn from_l1(entry: &Entry<Held<V>>, opts: &EntryOptions) -> Self {
+    pub(crate) fn from_l1(entry: &Entry<Cached<V>>, opts: &EntryOptions) -> Self {
         let now = Instant::now();
         let held = entry.value();
         Fallback {
@@ -64,7 +64,7 @@ impl<V: Clone> Fallback<V> {
     /// stale-while-revalidate (which serves old values, never ones known to be replaced);
     /// only fail-safe, when a load fails, may still fall back on it.
     pub(crate) fn from_candidate(
-        entry: &Entry<Held<V>>,
+        entry: &Entry<Cached<V>>,
         opts: &EntryOptions,
         lease: &invalidation::Lease,
     ) -> Self {
@@ -132,7 +132,7 @@ where
     pub(crate) fn stale_while_refreshing(
         &self,
         key: &str,
-        candidate: Option<&Entry<Held<V>>>,
+        candidate: Option<&Entry<Cached<V>>>,
         options: &EntryOptions,
     ) -> Option<Option<V>> {
         let entry = candidate?;
@@ -159,9 +159,9 @@ where
         fresh: Duration,
         life: Duration,
         opts: &EntryOptions,
-    ) -> Entry<Held<V>> {
+    ) -> Entry<Cached<V>> {
         let now = Instant::now();
-        let held = Held {
+        let held = Cached {
             value,
             fresh_until: later(now, fresh),
             local: false,
@@ -177,11 +177,11 @@ where
         &self,
         f: &Fetched<Option<V>>,
         opts: &EntryOptions,
-    ) -> Entry<Held<V>> {
+    ) -> Entry<Cached<V>> {
         let now = Instant::now();
         let fresh = f.fresh_remaining();
         let life = f.remaining.unwrap_or(f.meta.stale_for);
-        let held = Held {
+        let held = Cached {
             value: f.value.clone(),
             fresh_until: later(now, fresh),
             local: false,
@@ -193,11 +193,26 @@ where
             .version(f.meta.write_version)
     }
 
+    /// A fresh L2 entry is the answer: counted, and put in L1 if the flight's ticket admits
+    /// it.
+    pub(crate) async fn answer_from_l2(
+        &self,
+        key: &Arc<str>,
+        fetched: Fetched<Option<V>>,
+        opts: &EntryOptions,
+        token: &FlightToken<Option<V>>,
+    ) -> Option<V> {
+        bump(&self.counters.l2_hits);
+        let entry = self.entry_from_l2(&fetched, opts);
+        self.fill(key, entry, opts, token).await;
+        fetched.value
+    }
+
     /// Puts `entry` in L1 if the flight's ticket admits it (see `coherence`).
     pub(crate) async fn fill(
         &self,
         key: &Arc<str>,
-        entry: Entry<Held<V>>,
+        entry: Entry<Cached<V>>,
         opts: &EntryOptions,
         token: &FlightToken<Option<V>>,
     ) {
@@ -251,7 +266,7 @@ where
     }
 
     /// The slow path, after L1 had no fresh entry.
-    pub(crate) async fn slow(
+    pub(crate) async fn past_l1(
         self: &Arc<Self>,
         key: &str,
         opts: EntryOptions,
@@ -274,7 +289,7 @@ where
                 let started = self.loads.start(key, move |token| {
                     // Callers that join the refresh get the stale value at once too.
                     token.answer(Ok(stale));
-                    inner.guarded(token, key_arc, opts, Some(loader), candidate)
+                    inner.bounded_flight(token, key_arc, opts, Some(loader), candidate)
                 });
                 if started {
                     bump(&self.counters.refreshes);
@@ -291,7 +306,7 @@ where
         let key_arc: Arc<str> = key.into();
         let outcome = flights
             .run(key, opts.hard_timeout, move |token| {
-                inner.guarded(token, key_arc, opts, loader, candidate)
+                inner.bounded_flight(token, key_arc, opts, loader, candidate)
             })
             .await;
         match (outcome, fallback) {
@@ -310,7 +325,7 @@ where
     }
 
     /// A flight's body, bounded by the maximum load time and the cache's life.
-    pub(crate) fn guarded(
+    pub(crate) fn bounded_flight(
         self: Arc<Self>,
         token: FlightToken<Option<V>>,
         key: Arc<str>,
@@ -324,7 +339,7 @@ where
         // cache's maximum load time, and stops with the cache.
         let loads = loader.is_some();
         async move {
-            let body = self.resolve(Arc::clone(&key), opts, loader, candidate, token);
+            let body = self.fetch_or_load(Arc::clone(&key), opts, loader, candidate, token);
             if !loads {
                 return body.await;
             }
@@ -341,7 +356,7 @@ where
     }
 
     /// L2, then the lock and the loader: runs as a flight on its own task.
-    pub(crate) async fn resolve(
+    pub(crate) async fn fetch_or_load(
         self: Arc<Self>,
         key: Arc<str>,
         opts: EntryOptions,
@@ -372,10 +387,7 @@ where
                         self.store.release(vec![lock.clone()], self.lock_ttl).await;
                     }
                     trace::tier("l2");
-                    bump(&self.counters.l2_hits);
-                    let entry = self.entry_from_l2(&f, &opts);
-                    self.fill(&key, entry, &opts, &token).await;
-                    return Ok(f.value);
+                    return Ok(self.answer_from_l2(&key, f, &opts, &token).await);
                 }
                 L2Read::Stale(f) => {
                     let entry = self.entry_from_l2(&f, &opts);
