@@ -50,6 +50,13 @@ pub(crate) static TOMBSTONE: [u8; HEADER_LEN] = {
     t
 };
 
+/// The largest write version an entry may carry: 2^52. The write scripts stamp
+/// `max(previous + 1, server clock in µs)`, which stays far below it (µs since 1970 reach 2^52
+/// in the year 2112), and Lua's doubles count exactly up to 2^53. An entry claiming more was
+/// written behind the cache's back: it is refused as undecodable (and evicted), and the
+/// scripts read it as version 0, so it can never outrank a real write.
+pub const MAX_WRITE_VERSION: u64 = 1 << 52;
+
 /// The magic bytes every entry starts with.
 pub const MAGIC: [u8; 4] = [0xC1, b'M', b'L', b'C'];
 /// The envelope format version this build writes and reads.
@@ -325,6 +332,9 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, DecodeError> {
     };
     let type_tag = TypeTag(u64_at(6));
     let write_version = u64_at(14);
+    if write_version > MAX_WRITE_VERSION {
+        return Err(DecodeError::BadVersion(write_version));
+    }
     let fresh_ms = u64_at(22);
     let stale_ms = u64_at(30);
     if fresh_ms > stale_ms {

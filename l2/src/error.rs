@@ -216,6 +216,10 @@ pub enum DecodeError {
         /// Whole life, in ms.
         stale_ms: u64,
     },
+    /// The write version is beyond any the write scripts stamp ([`MAX_WRITE_VERSION`](crate::MAX_WRITE_VERSION)):
+    /// bytes written behind the cache's back. Kept, it would outrank every real write.
+    #[error("write version {0} is beyond any the cache stamps")]
+    BadVersion(u64),
     /// The MessagePack payload does not decode as the expected type.
     #[error("corrupt payload")]
     Payload(#[source] Arc<rmp_serde::decode::Error>),

@@ -66,7 +66,7 @@ mod subscriber;
 pub use connection::{Connection, ConnectionBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
 pub use envelope::{
     Codec, DEFAULT_MAX_SIZE, EntryMeta, FLAG_ABSENT, FLAG_TOMBSTONE, FORMAT_VERSION, HEADER_LEN,
-    Header, MAGIC, TypeTag, decode_header,
+    Header, MAGIC, MAX_WRITE_VERSION, TypeTag, decode_header,
 };
 pub use error::{DecodeError, Error, Result};
 pub use keys::{Key, KeySpace, MAX_KEY_LEN};

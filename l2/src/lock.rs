@@ -146,7 +146,8 @@ impl RedisStore {
     }
 
     /// After `error` on a command that held, or may have taken, `locks`: if Redis was
-    /// unreachable, releases them in the background until `ttl` has passed.
+    /// unreachable, hands them to the store's one reaper task, which releases them once Redis
+    /// answers again.
     fn abandon(&self, locks: Vec<Lock>, ttl: Duration, error: &crate::Error) {
         if !error.is_unavailable() || locks.is_empty() {
             return;
@@ -154,19 +155,36 @@ impl RedisStore {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        if !self.orphans.add(locks, ttl) {
+            return;
+        }
         let store = self.clone();
-        rt.spawn(async move {
-            let deadline = tokio::time::Instant::now() + ttl;
-            while tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                match store.unlock_many(&locks).await {
-                    Err(e) if e.is_unavailable() => {}
-                    _ => return,
-                }
-            }
-        });
+        rt.spawn(async move { store.reap().await });
     }
 
+    /// The reaper: every 100 ms, releases every orphaned lock in one pipeline; while Redis is
+    /// unreachable they wait (a paused server may still run the command that took one when it
+    /// resumes), and each is given up one lock TTL after it was handed over *and* Redis was
+    /// seen answering. Ends when none is left.
+    async fn reap(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let batch = self.orphans.take();
+            if batch.is_empty() {
+                if self.orphans.finish() {
+                    return;
+                }
+                continue;
+            }
+            let locks: Vec<Lock> = batch.iter().map(|o| o.lock.clone()).collect();
+            match self.unlock_many(&locks).await {
+                Err(e) if e.is_unavailable() => self.orphans.put_back(batch, false),
+                // Released (or refused for good): keep only those still inside their TTL
+                // measured from an answer, in case a late command takes one again.
+                _ => self.orphans.put_back(batch, true),
+            }
+        }
+    }
     /// Reads `key` as [`RedisStore::lookup`] does and, unless the entry is fresh, tries to take
     /// its lock for `ttl`, in one round trip (one Lua script): the read-then-lock of a cold
     /// load without a second trip, and without a value landing unseen between the two.
@@ -565,5 +583,76 @@ impl Drop for LockWait {
         {
             map.remove(&self.key);
         }
+    }
+}
+
+/// A lock handed to the reaper, with how long to keep releasing it once Redis answers.
+#[derive(Debug)]
+pub(crate) struct Orphan {
+    lock: Lock,
+    ttl: Duration,
+    /// When Redis was first seen answering after the lock was handed over.
+    answered: Option<std::time::Instant>,
+}
+
+/// The locks a store still has to release, and whether its reaper runs. Bounded: beyond
+/// [`MAX_ORPHANS`] the oldest are forgotten (their TTL ends them anyway).
+#[derive(Debug, Default)]
+pub(crate) struct Orphans {
+    locks: std::sync::Mutex<Vec<Orphan>>,
+    reaping: std::sync::atomic::AtomicBool,
+}
+
+/// The most locks a store keeps for its reaper.
+const MAX_ORPHANS: usize = 10_000;
+
+impl Orphans {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Orphan>> {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `locks`; returns whether a reaper must be started.
+    fn add(&self, locks: Vec<Lock>, ttl: Duration) -> bool {
+        let mut list = self.list();
+        list.extend(locks.into_iter().map(|lock| Orphan {
+            lock,
+            ttl,
+            answered: None,
+        }));
+        if list.len() > MAX_ORPHANS {
+            let excess = list.len() - MAX_ORPHANS;
+            list.drain(..excess);
+        }
+        !self.reaping.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    fn take(&self) -> Vec<Orphan> {
+        std::mem::take(&mut *self.list())
+    }
+
+    /// Puts back what is still to be released; `answered`: Redis just answered.
+    fn put_back(&self, batch: Vec<Orphan>, answered: bool) {
+        let now = std::time::Instant::now();
+        let keep = batch.into_iter().filter_map(|mut o| {
+            if answered {
+                let since = *o.answered.get_or_insert(now);
+                if now.duration_since(since) >= o.ttl {
+                    return None;
+                }
+            }
+            Some(o)
+        });
+        self.list().extend(keep);
+    }
+
+    /// The reaper is about to end: returns `false` (and stays on) if locks arrived meanwhile.
+    fn finish(&self) -> bool {
+        let list = self.list();
+        if !list.is_empty() {
+            return false;
+        }
+        self.reaping
+            .store(false, std::sync::atomic::Ordering::Release);
+        true
     }
 }

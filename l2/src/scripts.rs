@@ -28,7 +28,7 @@
 use std::sync::LazyLock;
 
 /// Shared helpers, prepended to every script: `version_of(key)` reads the write version from
-/// an entry's header (0 if absent or not an entry); `next_version(key)` is
+/// an entry's header (0 if absent, not an entry, or beyond `MAX_WRITE_VERSION`); `next_version(key)` is
 /// `max(version_of(key) + 1, TIME in µs)`; `pack(v)` is its 8-byte encoding;
 /// `announce(v, channel, message)` publishes `message .. pack(v)` unless the channel is empty.
 const LIB: &str = r"
@@ -37,6 +37,8 @@ local function version_of(key)
   if #h < 22 or string.sub(h, 1, 4) ~= '\193MLC' then return 0 end
   local v = 0
   for i = 22, 15, -1 do v = v * 256 + string.byte(h, i) end
+  -- Beyond MAX_WRITE_VERSION (2^52): not a version of ours; Lua's doubles lose +1 from 2^53.
+  if v > 4503599627370496 then return 0 end
   return v
 end
 local function next_version(key)

@@ -154,6 +154,8 @@ pub(crate) enum Raw {
 pub struct RedisStore {
     conn: Connection,
     counters: Arc<Counters>,
+    /// Locks to release once Redis answers again (see `RedisStore::release`).
+    pub(crate) orphans: Arc<crate::lock::Orphans>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -180,6 +182,7 @@ impl RedisStore {
         RedisStore {
             conn,
             counters: Arc::default(),
+            orphans: Arc::default(),
         }
     }
 

@@ -422,6 +422,23 @@ async fn every_change_gets_a_higher_version_across_deletes_and_vanished_keys() {
     store.set_bytes(&ahead, &bytes_ahead, ttl).await.unwrap();
     let next = store.overwrite(&ahead, &bytes, ttl, None).await.unwrap();
     assert_eq!(next, (u64::from(u32::MAX) << 20) + 1);
+    // A version beyond any the scripts stamp (bytes written behind the cache's back) is
+    // foreign: a decode error for readers, and version 0 for the next write, which gets the
+    // clock's.
+    let mut forged = codec
+        .encode(&"v".to_string(), &EntryMeta::new(Duration::from_secs(60)))
+        .unwrap();
+    forged[14..22].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+    let foreign = KeySpace::new("versions").key("foreign");
+    store.set_bytes(&foreign, &forged, ttl).await.unwrap();
+    assert!(store.get(&foreign, &codec).await.unwrap_err().is_decode());
+    store.set_bytes(&foreign, &forged, ttl).await.unwrap();
+    let before = clock();
+    let v = store.overwrite(&foreign, &bytes, ttl, None).await.unwrap();
+    assert!(
+        v >= before && v < l2::MAX_WRITE_VERSION,
+        "a foreign version never outranks real writes: {v}"
+    );
 
     let mut first = b"hdr".to_vec();
     first.extend_from_slice(&v1.to_le_bytes());

@@ -9,7 +9,7 @@ use l2::{Key, Lock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::cache::{BoxError, Fallback, Inner, TieredCache};
+use crate::cache::{BoxError, Fallback, Inner, L1Entry, TieredCache};
 use crate::error::{Error, Result};
 use crate::flight::{Claim, Waiter};
 use crate::options::EntryOptions;
@@ -34,8 +34,8 @@ where
     let mut seen = HashSet::with_capacity(keys.len());
     let mut waiters: Vec<Waiter<Option<V>>> = Vec::new();
     let mut claims: Vec<Claim<Option<V>>> = Vec::new();
-    // Fresh L1 entries the bus cannot vouch for, usable under the outage policy.
-    let mut outage: HashMap<String, Option<V>> = HashMap::new();
+    // L1 entries that did not answer: maybe usable under the outage policy if Redis fails.
+    let mut outage: HashMap<String, L1Entry<V>> = HashMap::new();
     for key in keys {
         let key = key.as_ref();
         if !seen.insert(key) {
@@ -49,14 +49,12 @@ where
                 continue;
             }
             Err(Some(candidate)) => {
-                let fallback = Fallback::from_candidate(&candidate, &opts, &inner.lease);
-                if fallback.outage {
-                    outage.insert(key.to_string(), fallback.value);
-                }
+                outage.insert(key.to_string(), candidate);
             }
             Err(None) => {}
         }
         // Join a load in flight, or claim the key so single-key callers join ours.
+        inner.no_stale_joins(key);
         let (waiter, claim) = inner.loads.join_or_claim(key);
         waiters.push(waiter);
         claims.extend(claim);
@@ -93,7 +91,7 @@ where
 async fn resolve_many<V, F, Fut, I, E>(
     inner: &Arc<Inner<V>>,
     claims: Vec<Claim<Option<V>>>,
-    mut outage: HashMap<String, Option<V>>,
+    mut outage: HashMap<String, L1Entry<V>>,
     opts: EntryOptions,
     load: F,
 ) where
@@ -139,7 +137,9 @@ async fn resolve_many<V, F, Fut, I, E>(
         // The outage policy, as for a single key: what L1 holds answers for those keys.
         let mut left = Vec::with_capacity(claims.len());
         for (claim, rkey) in claims {
-            match outage.remove(claim.key()) {
+            // Judged now, after the failed read: the lease may have run on meanwhile.
+            let candidate = outage.remove(claim.key());
+            match Fallback::outage_answer(candidate.as_ref(), &opts, &inner.lease) {
                 Some(value) => {
                     bump(&inner.counters.outage_served);
                     claim.finish(Ok(value));
@@ -265,7 +265,7 @@ async fn resolve_many<V, F, Fut, I, E>(
             let (f, l) = (lifetimes.fresh_for, lifetimes.stale_for);
             let key: Arc<str> = claim.key().into();
             // As in a single load: a value Redis never saw is this node's for Δ at most.
-            let entry = if version == 0 && !opts.skip_l2 {
+            let entry = if !l2_usable && !opts.skip_l2 {
                 inner.local_entry(value.clone(), weight, started, f, &opts)
             } else {
                 Some(

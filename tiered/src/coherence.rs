@@ -150,7 +150,7 @@ impl Admission {
         let list = keys.entry(Arc::clone(&key)).or_default();
         if revoke_others {
             for (_, f) in list.iter() {
-                f.store(REVOKED, Ordering::Release);
+                f.store(REVOKED, Ordering::SeqCst);
             }
         }
         list.push((id, Arc::clone(&floor)));
@@ -168,7 +168,7 @@ impl Admission {
     pub(crate) fn announced(&self, key: &str, version: u64) {
         if let Some(list) = self.keys().get(key) {
             for (_, f) in list {
-                f.fetch_max(version, Ordering::AcqRel);
+                f.fetch_max(version, Ordering::SeqCst);
             }
         }
     }
@@ -178,7 +178,7 @@ impl Admission {
     pub(crate) fn revoke(&self, key: &str) {
         if let Some(list) = self.keys().get(key) {
             for (_, f) in list {
-                f.store(REVOKED, Ordering::Release);
+                f.store(REVOKED, Ordering::SeqCst);
             }
         }
     }
@@ -187,7 +187,7 @@ impl Admission {
     pub(crate) fn revoke_all(&self) {
         for list in self.keys().values() {
             for (_, f) in list {
-                f.store(REVOKED, Ordering::Release);
+                f.store(REVOKED, Ordering::SeqCst);
             }
         }
     }
@@ -220,7 +220,20 @@ impl Admission {
         if !ticket.admits(version) {
             return;
         }
+        // Never replace a newer version not yet announced here (two fills that read L2 at
+        // different times). Version 0 (a value Redis never stamped: loaded while it was
+        // unreachable, or kept in L1 only) is no order: it goes in.
+        if version > 0
+            && let Some(existing) = l1.get(&**key)
+            && existing.write_version() > version
+        {
+            return;
+        }
         l1.insert(Arc::clone(key), entry);
+        // The insert and the floor are read in the opposite order by `on_announcement`
+        // (floor raised, then L1 read): a full fence on each side, so one of the two always
+        // sees the other.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if !ticket.admits(version) {
             l1.invalidate(&**key);
         }
@@ -236,6 +249,7 @@ impl Admission {
         version: u64,
     ) -> Announced {
         self.announced(key, version);
+        std::sync::atomic::fence(Ordering::SeqCst);
         match l1.get(key) {
             Some(entry) if entry.write_version() >= version => Announced::Kept,
             Some(_) => {
@@ -278,14 +292,14 @@ pub(crate) struct Ticket {
 impl Ticket {
     /// Whether a value of write version `version` may go into L1 now.
     pub(crate) fn admits(&self, version: u64) -> bool {
-        let floor = self.floor.load(Ordering::Acquire);
+        let floor = self.floor.load(Ordering::SeqCst);
         floor != REVOKED && version >= floor
     }
 
     /// Whether a local change revoked this ticket (nothing may be inserted).
     #[cfg(test)]
     pub(crate) fn is_revoked(&self) -> bool {
-        self.floor.load(Ordering::Acquire) == REVOKED
+        self.floor.load(Ordering::SeqCst) == REVOKED
     }
 }
 

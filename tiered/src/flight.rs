@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -22,6 +22,8 @@ type Outcome<V> = Option<Result<V>>;
 
 struct Slot<V> {
     id: u64,
+    /// When the load began.
+    started: Instant,
     rx: watch::Receiver<Outcome<V>>,
 }
 
@@ -106,6 +108,15 @@ impl<V> Flights<V> {
         self.slots().remove(key);
     }
 
+    /// Detaches the flight of `key` if it began before `not_before`: a caller that may not be
+    /// answered with anything read before then must not join it.
+    pub(crate) fn detach_if_older(&self, key: &str, not_before: Instant) {
+        let mut slots = self.slots();
+        if slots.get(key).is_some_and(|s| s.started < not_before) {
+            slots.remove(key);
+        }
+    }
+
     /// Detaches every flight.
     pub(crate) fn detach_all(&self) {
         self.slots().clear();
@@ -140,7 +151,14 @@ impl<V> Flights<V> {
         // The ticket is taken with the slot, under its lock: a change that detaches the slot
         // after this also reaches the ticket.
         let (token, rx) = FlightToken::new(self.admission.begin(&key));
-        slots.insert(Arc::clone(&key), Slot { id, rx: rx.clone() });
+        slots.insert(
+            Arc::clone(&key),
+            Slot {
+                id,
+                started: Instant::now(),
+                rx: rx.clone(),
+            },
+        );
         drop(slots);
         let waiter = Waiter {
             key: Arc::clone(&key),

@@ -630,8 +630,18 @@ async fn forged_messages_under_a_nodes_own_origin_never_silence_it() {
         tokio::time::timeout(SOON, listen).await.unwrap()
     };
     let mut late = 0;
+    let mut version = a.set("k", &"v0".to_string()).await.unwrap();
     for round in 1..=40u64 {
-        for (seq, version) in [(u64::MAX, u64::MAX), (round * 1_000_000, u64::MAX - round)] {
+        // A holds the key in L1 (a hit, not a read of L2)...
+        assert_eq!(
+            a.get("k").await.unwrap().as_deref(),
+            Some(format!("v{}", round - 1).as_str())
+        );
+        assert!(a.is_fresh_locally("k"), "round {round}: A's copy is in L1");
+        // ...and the forger, under A's own origin, announces the version A holds (which evicts
+        // nothing) with huge and repeated sequence numbers, just before B's real write.
+        let received = a.bus().stats().received;
+        for seq in [u64::MAX, round * 1_000_000, u64::MAX] {
             let bytes = forged(origin, seq, Action::Evict(vec![("k".into(), version)]));
             let _: i64 = redis::cmd("PUBLISH")
                 .arg("forge:!inval")
@@ -640,8 +650,16 @@ async fn forged_messages_under_a_nodes_own_origin_never_silence_it() {
                 .await
                 .unwrap();
         }
+        eventually(SOON, "A received the forged messages", || async {
+            a.bus().stats().received >= received + 3
+        })
+        .await;
+        assert!(
+            a.is_fresh_locally("k"),
+            "round {round}: a forged equal version evicted nothing"
+        );
         let value = format!("v{round}");
-        b.set("k", &value).await.unwrap();
+        version = b.set("k", &value).await.unwrap();
         let acked = Instant::now();
         loop {
             if a.get("k").await.unwrap().as_deref() == Some(value.as_str()) {

@@ -15,7 +15,7 @@ use crate::flight::FlightToken;
 use crate::options::EntryOptions;
 use crate::trace;
 
-use super::read::{Fallback, Cached, L2Read};
+use super::read::{Cached, Fallback, L2Read};
 use super::{Inner, Loaded, Loader, later};
 use crate::stats::bump;
 
@@ -88,7 +88,14 @@ where
             );
             token.answer(Ok(fallback.value.clone()));
         }
-        if !fallback.fresh {
+        // Put back only what L1 still holds: an announcement or a gap that removed it since
+        // the read must not be undone.
+        let still_there = fallback.source.as_ref().is_none_or(|source| {
+            self.l1
+                .get(&**key)
+                .is_some_and(|now| Arc::ptr_eq(&now, source))
+        });
+        if !fallback.fresh && still_there {
             let throttle = opts.fail_safe_throttle;
             let entry = self
                 .entry(fallback.value.clone(), 0, throttle, throttle, opts)
@@ -171,6 +178,10 @@ where
         lock: Option<Lock>,
     ) -> Result<Option<V>> {
         let started = Instant::now();
+        // Without a lock (and not skipping L2 on purpose) the load runs because Redis could
+        // not be asked: its value is this node's alone (see `local_entry`).
+        let mut redis_unreachable = lock.is_none() && !opts.skip_l2;
+        let mut lost_lock = false;
         let mut task = AbortOnDrop(tokio::spawn(loader()));
         let mut guard = LockGuard {
             store: self.store.clone(),
@@ -204,6 +215,7 @@ where
                             Ok(false) => {
                                 tracing::debug!(target: "tiered::lock", "lost the lock while loading");
                                 guard.lock = None;
+                                lost_lock = true;
                             }
                             Err(e) => self.note_l2(Some(&e)),
                         }
@@ -257,7 +269,12 @@ where
         let (fresh, life) = (meta.fresh_for, meta.stale_for);
         let encoded = self.encode_loaded(value.as_ref(), &meta);
         let mut weight = 0;
-        let mut may_fill = true;
+        // A lock lost while loading went to a newer write or another loader: our value is
+        // no answer for L1 (as when the conditional write is refused below).
+        let mut may_fill = !lost_lock;
+        if lost_lock {
+            bump(&self.counters.duplicate_loads);
+        }
         let mut version = 0;
         match encoded {
             Ok(bytes) => {
@@ -273,7 +290,8 @@ where
                             bump(&self.counters.duplicate_loads);
                             may_fill = false;
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            redis_unreachable |= e.is_unavailable();
                             guard.lock = Some(lock);
                         }
                     }
@@ -292,7 +310,7 @@ where
         }
         drop(guard);
         if may_fill {
-            let entry = if version == 0 && !opts.skip_l2 {
+            let entry = if redis_unreachable {
                 // Redis could not be asked or written: nobody else will see this value, and
                 // no lock kept its load unique. This node may use it for Δ from the load's
                 // start (see `Cached::local`), and not longer.
@@ -322,7 +340,7 @@ where
         opts: &EntryOptions,
     ) -> Option<Entry<Cached<V>>> {
         let trusted = self.delta.checked_sub(started.elapsed())?;
-        let fresh = fresh.min(trusted);
+        let fresh = fresh.min(trusted).min(opts.l1_ttl.unwrap_or(Duration::MAX));
         if fresh.is_zero() {
             return None;
         }

@@ -27,7 +27,7 @@ mod read;
 mod write;
 
 use crate::stats::{CacheStats, Counters, bump};
-pub(crate) use read::{Cached, Fallback};
+pub(crate) use read::{Cached, Fallback, L1Entry};
 
 /// What a loader's error may be: anything that converts into a boxed error (`std` errors,
 /// `anyhow::Error`, strings).
@@ -667,6 +667,19 @@ where
         self.reads.detach_all();
         self.admission.revoke_all();
         self.l1.invalidate_all();
+    }
+
+    /// Before joining a flight of `key`: while the bus cannot prove delivery (its lease ran
+    /// out), a flight that began more than Δ ago may carry a value older than a change whose
+    /// announcement has not arrived, so this caller starts a new one instead.
+    pub(crate) fn no_stale_joins(&self, key: &str) {
+        let now = Instant::now();
+        if !self.lease.holds_at(now)
+            && let Some(horizon) = now.checked_sub(self.delta)
+        {
+            self.loads.detach_if_older(key, horizon);
+            self.reads.detach_if_older(key, horizon);
+        }
     }
 
     /// Detaches loads and reads in flight for `key` (later callers do not join them).

@@ -42,6 +42,9 @@ pub(crate) struct Fallback<V> {
     /// Fresh by its own TTL, unconfirmed by the lease, and the lease ran out less than the
     /// outage staleness ago: servable if Redis cannot be asked (the outage policy).
     pub(crate) outage: bool,
+    /// The L1 entry it was read from, if any: a fail-safe fill puts it back only if it is
+    /// still there (an announcement or a gap may have removed it meanwhile).
+    pub(crate) source: Option<L1Entry<V>>,
 }
 
 impl<V: Clone> Fallback<V> {
@@ -56,6 +59,7 @@ impl<V: Clone> Fallback<V> {
             fresh: now < held.fresh_until,
             in_swr: now < later(held.fresh_until, opts.swr),
             outage: false,
+            source: None,
         }
     }
 
@@ -64,11 +68,12 @@ impl<V: Clone> Fallback<V> {
     /// stale-while-revalidate (which serves old values, never ones known to be replaced);
     /// only fail-safe, when a load fails, may still fall back on it.
     pub(crate) fn from_candidate(
-        entry: &Entry<Cached<V>>,
+        entry: &L1Entry<V>,
         opts: &EntryOptions,
         lease: &invalidation::Lease,
     ) -> Self {
         let mut fallback = Self::from_l1(entry, opts);
+        fallback.source = Some(Arc::clone(entry));
         let now = Instant::now();
         if let Some(lapsed) = lease.lapsed_for(now) {
             fallback.outage = entry.is_fresh_at(now) && lapsed < opts.outage_staleness;
@@ -76,6 +81,20 @@ impl<V: Clone> Fallback<V> {
             fallback.in_swr = false;
         }
         fallback
+    }
+
+    /// Whether `candidate` may be served under the outage policy *now* (judged at the moment
+    /// of answering, after whatever Redis call failed: the lease may have run on meanwhile).
+    pub(crate) fn outage_answer(
+        candidate: Option<&L1Entry<V>>,
+        opts: &EntryOptions,
+        lease: &invalidation::Lease,
+    ) -> Option<Option<V>> {
+        let candidate = candidate?;
+        let now = Instant::now();
+        let lapsed = lease.lapsed_for(now)?;
+        (candidate.is_fresh_at(now) && lapsed < opts.outage_staleness)
+            .then(|| candidate.value().value.clone())
     }
 
     /// A fallback may stand in for a failed load when fail-safe is on (or when it is still
@@ -274,7 +293,7 @@ where
         candidate: Option<L1Entry<V>>,
     ) -> Result<Option<V>> {
         let fallback = candidate
-            .as_deref()
+            .as_ref()
             .map(|e| Fallback::from_candidate(e, &opts, &self.lease));
         if let Some(fb) = &fallback
             && !fb.fresh
@@ -302,6 +321,7 @@ where
         } else {
             &self.reads
         };
+        self.no_stale_joins(key);
         let inner = Arc::clone(self);
         let key_arc: Arc<str> = key.into();
         let outcome = flights
@@ -366,7 +386,7 @@ where
     ) -> Result<Option<V>> {
         let rkey = self.space.key(&key);
         let mut fallback = candidate
-            .as_deref()
+            .as_ref()
             .map(|e| Fallback::from_candidate(e, &opts, &self.lease));
         let mut l2_usable = !opts.skip_l2 && self.breaker.allow();
         let mut l2_error = None;
@@ -403,26 +423,21 @@ where
                 L2Read::Miss => {}
                 L2Read::Down(e) => {
                     l2_usable = false;
-                    if let Some(fb) = &fallback
-                        && fb.fresh
-                    {
-                        return Ok(fb.value.clone());
-                    }
                     l2_error = Some(e);
                 }
             }
         }
         // The outage policy: Redis cannot be asked and the bus cannot vouch for L1, but an
-        // L1 entry fresh by its own TTL is still inside the outage staleness.
+        // L1 entry fresh by its own TTL is still inside the outage staleness (judged now,
+        // after the failed call).
         if !l2_usable
             && !opts.skip_l2
-            && let Some(fb) = &fallback
-            && fb.outage
+            && let Some(value) = Fallback::outage_answer(candidate.as_ref(), &opts, &self.lease)
         {
             bump(&self.counters.outage_served);
             trace::tier("l1");
             tracing::debug!(target: "tiered::outage", "serving an L1 entry the bus cannot vouch for: Redis is unreachable");
-            return Ok(fb.value.clone());
+            return Ok(value);
         }
         let Some(loader) = loader else {
             if let Some(fb) = fallback.filter(|f| f.in_swr) {

@@ -54,8 +54,10 @@ where
                     // that misses it sees a gap (an unpublished number never is one).
                     self.publisher.acknowledged(&message);
                     // Before the L1 insert: an older write of this node's that finishes later
-                    // keeps its value out.
-                    self.admission.announced(&key, v);
+                    // keeps its value out, and a copy older than this write goes now (a newer
+                    // write of this node's may have revoked our ticket: the call still returns
+                    // with this node reading at least this version).
+                    self.admission.on_announcement(&self.l1, &key, v);
                     bump(&self.counters.invalidations_sent);
                 }
                 Err(e) => {
@@ -123,7 +125,8 @@ where
         self.invalidate_local();
         let deleted = self.store.clear(&self.space).await;
         self.note_l2(deleted.as_ref().err());
-        let deleted = deleted?;
+        // Announced even when the delete failed part-way: some keys may be gone already, and
+        // other nodes must not keep copies of them.
         let message = self.publisher.clear_namespace();
         let published = self.store.publish(self.publisher.channel(), &message).await;
         self.note_l2(published.as_ref().err());
@@ -131,6 +134,7 @@ where
             self.publisher.acknowledged(&message);
         }
         self.invalidate_local();
+        let deleted = deleted?;
         published?;
         bump(&self.counters.invalidations_sent);
         Ok(deleted)
