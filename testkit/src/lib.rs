@@ -342,6 +342,38 @@ fn read_reply(r: &mut impl BufRead) -> std::io::Result<String> {
     })
 }
 
+/// Polls `check` every 10 ms until it holds, for at most `within`.
+///
+/// # Panics
+/// With `what` (and how long it waited) if `check` never held: a test's assertion.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// As [`eventually`], for a check that does not await, from code outside a runtime (it
+/// sleeps the thread).
+///
+/// # Panics
+/// As [`eventually`].
+pub fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testkit::{RedisServer, command_at};
 use tiered::{EntryOptions, TieredCache};
@@ -101,26 +101,18 @@ fn spawn_node(server: &RedisServer, mode: &str) -> Child {
         .unwrap()
 }
 
-fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Runs the helper nodes; returns (stdout of each surviving node, loads counted).
 fn run(mode: &str) -> (Vec<String>, u64) {
     let server = RedisServer::start();
     let mut nodes: Vec<Option<Child>> = (0..NODES)
         .map(|_| Some(spawn_node(&server, mode)))
         .collect();
-    wait_for("all nodes ready", Duration::from_secs(60), || {
+    testkit::wait_until(Duration::from_secs(60), "all nodes ready", || {
         server.command(&["GET", "ready"]) == NODES.to_string()
     });
     server.command(&["SET", "go", "1"]);
     if mode == "kill" {
-        wait_for("a holder started loading", Duration::from_secs(30), || {
+        testkit::wait_until(Duration::from_secs(30), "a holder started loading", || {
             !server.command(&["GET", "holder"]).is_empty()
         });
         let pid: u32 = server.command(&["GET", "holder"]).parse().unwrap();

@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Loads, SOON, Target};
+use common::{Loads, SOON, Target, eventually};
 use testkit::{RedisCluster, RedisServer};
 use tiered::EntryOptions;
 use tiered::l2::KeySpace;
@@ -117,10 +117,16 @@ async fn writes_reach_every_node(target: &Target, ns: &str) {
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
     assert!(b.is_fresh_locally("k"));
     a.set("k", &"v2".to_string()).await.unwrap();
-    wait_until(|| !b.is_fresh_locally("k"), "b hears a's write").await;
+    eventually(SOON, "b hears a's write", || async {
+        !b.is_fresh_locally("k")
+    })
+    .await;
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v2"));
     b.invalidate("k").await.unwrap();
-    wait_until(|| !a.is_fresh_locally("k"), "a hears b's delete").await;
+    eventually(SOON, "a hears b's delete", || async {
+        !a.is_fresh_locally("k")
+    })
+    .await;
     assert_eq!(a.get("k").await.unwrap(), None);
 }
 
@@ -196,7 +202,7 @@ async fn stale_while_revalidate_refreshes_once(target: &Target, ns: &str) {
             target.name
         );
     }
-    wait_until(|| loads.count() >= 2, "the refresh ran").await;
+    eventually(SOON, "the refresh ran", || async { loads.count() >= 2 }).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         loads.count(),
@@ -244,7 +250,10 @@ async fn clear_reaches_every_master_and_node(target: &Target, ns: &str) {
     }
     let deleted = a.clear().await.unwrap();
     assert!(deleted >= 30, "{}: deleted {deleted}", target.name);
-    wait_until(|| !b.is_fresh_locally("c0"), "b hears the clear").await;
+    eventually(SOON, "b hears the clear", || async {
+        !b.is_fresh_locally("c0")
+    })
+    .await;
     for i in 0..30 {
         assert_eq!(
             b.get(&format!("c{i}")).await.unwrap(),
@@ -252,13 +261,5 @@ async fn clear_reaches_every_master_and_node(target: &Target, ns: &str) {
             "{}",
             target.name
         );
-    }
-}
-
-async fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < SOON, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

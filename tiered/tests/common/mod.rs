@@ -133,21 +133,7 @@ pub async fn redis_conn(server: &RedisServer) -> redis::aio::MultiplexedConnecti
         .unwrap()
 }
 
-/// Polls `check` every 10 ms until it holds, for at most `within`; panics with `what`.
-pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not within {within:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+pub use testkit::eventually;
 
 /// The number of calls of `command` the server has run so far (INFO commandstats).
 pub fn calls(server: &RedisServer, command: &str) -> u64 {
