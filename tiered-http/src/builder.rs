@@ -14,7 +14,7 @@ use tiered::{Error as CacheError, TieredCache};
 
 use crate::cache::{Inner, ResponseCache};
 use crate::error::{Error, Result};
-use crate::route::{DEFAULT_TAG, Route};
+use crate::route::{DEFAULT_TAG, Route, Routes};
 
 /// The default limit on a cached body: see [`ResponseCacheBuilder::max_body_bytes`].
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
@@ -242,8 +242,10 @@ impl ResponseCacheBuilder {
         }
         Ok(ResponseCache {
             inner: Arc::new(Inner {
-                routes: self.routes,
-                default_route: self.default_route,
+                routes: Routes {
+                    by_prefix: self.routes,
+                    default: self.default_route,
+                },
                 groups,
                 vary,
                 bypass,

@@ -11,7 +11,8 @@ use http::{Request, StatusCode};
 use tiered::TieredCache;
 
 use crate::error::{Error, Result};
-use crate::route::Route;
+use crate::key::cache_key;
+use crate::route::Routes;
 use crate::stored::CachedResponse;
 
 /// A response cache for tower services; build it with [`ResponseCache::builder`], wrap services
@@ -25,8 +26,7 @@ pub struct ResponseCache {
 }
 
 pub(crate) struct Inner {
-    pub(crate) routes: Vec<(String, Route)>,
-    pub(crate) default_route: Route,
+    pub(crate) routes: Routes,
     pub(crate) groups: BTreeMap<String, TieredCache<CachedResponse>>,
     pub(crate) vary: Vec<HeaderName>,
     pub(crate) bypass: Vec<HeaderName>,
@@ -73,8 +73,8 @@ impl ResponseCache {
     /// # Errors
     /// [`Error::Cache`] if Redis fails.
     pub async fn invalidate<B>(&self, request: &Request<B>) -> Result<()> {
-        let route = self.inner.route_for(request.uri().path());
-        let key = self.inner.key(request);
+        let route = self.inner.routes.route_for(request.uri().path());
+        let key = cache_key(request, &self.inner.vary);
         if let Some(group) = self.inner.groups.get(&route.tag) {
             group.invalidate(&key).await?;
         }
@@ -85,36 +85,5 @@ impl ResponseCache {
     /// metrics (every group exports its own, labelled `<namespace>.<tag>`).
     pub fn caches(&self) -> impl Iterator<Item = (&str, &TieredCache<CachedResponse>)> {
         self.inner.groups.iter().map(|(t, c)| (t.as_str(), c))
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::builder::DEFAULT_PASS_TTL;
-    use crate::route::DEFAULT_TAG;
-
-    pub(crate) fn inner(routes: Vec<(&str, Route)>, vary: &[&str]) -> Inner {
-        Inner {
-            routes: routes.into_iter().map(|(p, r)| (p.to_owned(), r)).collect(),
-            default_route: Route::tagged(DEFAULT_TAG),
-            groups: BTreeMap::new(),
-            vary: vary
-                .iter()
-                .map(|v| HeaderName::from_bytes(v.as_bytes()).unwrap())
-                .collect(),
-            bypass: Vec::new(),
-            statuses: vec![StatusCode::OK],
-            max_body: 1024,
-            pass_ttl: DEFAULT_PASS_TTL,
-        }
-    }
-
-    pub(crate) fn get(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
-        let mut b = Request::get(uri);
-        for (n, v) in headers {
-            b = b.header(*n, *v);
-        }
-        b.body(()).unwrap()
     }
 }

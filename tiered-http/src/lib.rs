@@ -74,6 +74,8 @@ mod route;
 mod serve;
 mod service;
 mod stored;
+#[cfg(test)]
+mod testing;
 
 pub use body::ResponseBody;
 pub use builder::{DEFAULT_MAX_BODY_BYTES, DEFAULT_PASS_TTL, ResponseCacheBuilder};

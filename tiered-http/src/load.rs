@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use crate::body::{self, Collected, ResponseBody};
 use crate::cache::ResponseCache;
-use crate::policy::probe;
+use crate::policy::{probe, storable_for};
 use crate::response::{CacheStatus, failure, is_head, marked, respond};
 use crate::serve::pass;
 use crate::stored::{CachedResponse, StoredResponse};
@@ -62,7 +62,13 @@ impl ResponseCache {
             call.keep(Response::from_parts(parts, body::boxed(body)));
             return Err(Box::new(ServerError(status)));
         }
-        let Some(fresh) = self.inner.storable_for(&probe, &parts, default_ttl) else {
+        let Some(fresh) = storable_for(
+            &probe,
+            &parts,
+            &self.inner.statuses,
+            &self.inner.vary,
+            default_ttl,
+        ) else {
             call.keep(Response::from_parts(parts, body::boxed(body)));
             return Ok(Loaded::new(CachedResponse::pass()).time_to_live(self.inner.pass_ttl));
         };

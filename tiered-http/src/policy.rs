@@ -5,52 +5,50 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
 use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy};
 
-use crate::cache::Inner;
 use crate::stored::StoredResponse;
 
-impl Inner {
-    /// How long the response is fresh, if the cache may keep it: a cached status, no
-    /// `Set-Cookie`, a `Vary` within the configured headers, storable for a shared cache
-    /// (`http-cache-semantics`: no `no-store`, no `private`, …), and a freshness of its own or
-    /// the route's TTL.
-    pub(crate) fn storable_for(
-        &self,
-        request: &Request<()>,
-        parts: &http::response::Parts,
-        default_ttl: Duration,
-    ) -> Option<Duration> {
-        let headers = &parts.headers;
-        if !self.statuses.contains(&parts.status) || headers.contains_key(header::SET_COOKIE) {
-            return None;
-        }
-        let vary_ok = headers.get_all(header::VARY).iter().all(|value| {
-            value.to_str().is_ok_and(|list| {
-                list.split(',')
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                    .all(|n| self.vary.iter().any(|v| v.as_str().eq_ignore_ascii_case(n)))
-            })
-        });
-        if !vary_ok {
-            return None;
-        }
-        let now = SystemTime::now();
-        let policy = CachePolicy::new_options(request, parts, now, shared());
-        if !policy.is_storable() {
-            return None;
-        }
-        if headers.contains_key(header::CACHE_CONTROL) || headers.contains_key(header::EXPIRES) {
-            // `max-age` can say anything up to 2^31 s: kept within what an entry may live.
-            Some(policy.time_to_live(now))
-                .filter(|ttl| !ttl.is_zero())
-                .map(|ttl| ttl.min(tiered::MAX_OPTION_DURATION))
-        } else {
-            Some(default_ttl)
-        }
+/// How long the response is fresh, if the cache may keep it: one of the `cached_statuses`, no
+/// `Set-Cookie`, a `Vary` within the `vary` headers, storable for a shared cache
+/// (`http-cache-semantics`: no `no-store`, no `private`, …), and a freshness of its own or
+/// `default_ttl` (the route's TTL).
+pub(crate) fn storable_for(
+    request: &Request<()>,
+    parts: &http::response::Parts,
+    cached_statuses: &[StatusCode],
+    vary: &[HeaderName],
+    default_ttl: Duration,
+) -> Option<Duration> {
+    let headers = &parts.headers;
+    if !cached_statuses.contains(&parts.status) || headers.contains_key(header::SET_COOKIE) {
+        return None;
+    }
+    let vary_ok = headers.get_all(header::VARY).iter().all(|value| {
+        value.to_str().is_ok_and(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .all(|n| vary.iter().any(|v| v.as_str().eq_ignore_ascii_case(n)))
+        })
+    });
+    if !vary_ok {
+        return None;
+    }
+    let now = SystemTime::now();
+    let policy = CachePolicy::new_options(request, parts, now, shared());
+    if !policy.is_storable() {
+        return None;
+    }
+    if headers.contains_key(header::CACHE_CONTROL) || headers.contains_key(header::EXPIRES) {
+        // `max-age` can say anything up to 2^31 s: kept within what an entry may live.
+        Some(policy.time_to_live(now))
+            .filter(|ttl| !ttl.is_zero())
+            .map(|ttl| ttl.min(tiered::MAX_OPTION_DURATION))
+    } else {
+        Some(default_ttl)
     }
 }
 
@@ -114,7 +112,7 @@ pub(crate) fn satisfies<B>(stored: &StoredResponse, request: &Request<B>) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::tests::{get, inner};
+    use crate::testing::get;
     use bytes::Bytes;
 
     fn response(status: u16, headers: &[(&str, &str)]) -> http::response::Parts {
@@ -127,10 +125,13 @@ mod tests {
 
     #[test]
     fn storability_follows_cache_control_and_the_route() {
-        let c = inner(vec![], &["accept-language"]);
+        let statuses = [StatusCode::OK];
+        let vary = [HeaderName::from_static("accept-language")];
         let ttl42 = Duration::from_secs(42);
         let req = get("/p", &[]);
-        let ttl = |headers: &[(&str, &str)]| c.storable_for(&req, &response(200, headers), ttl42);
+        let ttl = |headers: &[(&str, &str)]| {
+            storable_for(&req, &response(200, headers), &statuses, &vary, ttl42)
+        };
         assert_eq!(ttl(&[]), Some(Duration::from_secs(42)));
         assert_eq!(
             ttl(&[("cache-control", "max-age=7")]),
@@ -151,8 +152,14 @@ mod tests {
         );
         assert_eq!(ttl(&[("vary", "accept-encoding")]), None);
         assert_eq!(ttl(&[("vary", "*")]), None);
-        assert_eq!(c.storable_for(&req, &response(404, &[]), ttl42), None);
-        assert_eq!(c.storable_for(&req, &response(500, &[]), ttl42), None);
+        assert_eq!(
+            storable_for(&req, &response(404, &[]), &statuses, &vary, ttl42),
+            None
+        );
+        assert_eq!(
+            storable_for(&req, &response(500, &[]), &statuses, &vary, ttl42),
+            None
+        );
     }
 
     #[test]

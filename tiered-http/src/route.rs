@@ -4,8 +4,6 @@ use std::time::Duration;
 
 use tiered::EntryOptions;
 
-use crate::cache::Inner;
-
 /// The default TTL of responses that carry no freshness of their own: see [`Route::time_to_live`].
 pub const DEFAULT_ROUTE_TTL: Duration = Duration::from_secs(60);
 /// The tag of requests no route matches.
@@ -82,10 +80,16 @@ impl Route {
     }
 }
 
-impl Inner {
+/// The routes by path prefix, and the route of the paths none matches.
+pub(crate) struct Routes {
+    pub(crate) by_prefix: Vec<(String, Route)>,
+    pub(crate) default: Route,
+}
+
+impl Routes {
     /// The route of `path`: the longest prefix that matches whole path segments.
     pub(crate) fn route_for(&self, path: &str) -> &Route {
-        self.routes
+        self.by_prefix
             .iter()
             .filter(|(prefix, _)| {
                 path.strip_prefix(prefix.as_str()).is_some_and(|rest| {
@@ -93,25 +97,27 @@ impl Inner {
                 })
             })
             .max_by_key(|(prefix, _)| prefix.len())
-            .map_or(&self.default_route, |(_, route)| route)
+            .map_or(&self.default, |(_, route)| route)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::tests::inner;
 
     #[test]
     fn routes_match_whole_segments_longest_first() {
-        let c = inner(
-            vec![
+        let c = Routes {
+            by_prefix: [
                 ("/products", Route::tagged("products")),
                 ("/products/special", Route::tagged("special")),
                 ("/static/", Route::tagged("static")),
-            ],
-            &[],
-        );
+            ]
+            .into_iter()
+            .map(|(prefix, route)| (prefix.to_owned(), route))
+            .collect(),
+            default: Route::tagged(DEFAULT_TAG),
+        };
         assert_eq!(c.route_for("/products").tag(), "products");
         assert_eq!(c.route_for("/products/7").tag(), "products");
         assert_eq!(c.route_for("/productsX").tag(), DEFAULT_TAG);

@@ -13,8 +13,9 @@ use tower_service::Service;
 
 use crate::body::{self, Collected, ResponseBody};
 use crate::cache::ResponseCache;
+use crate::key::cache_key;
 use crate::load::Call;
-use crate::policy::{has_directives, probe, request_allows_storing, satisfies};
+use crate::policy::{has_directives, probe, request_allows_storing, satisfies, storable_for};
 use crate::response::{CacheStatus, failure, is_head, label, marked, respond};
 use crate::route::Route;
 use crate::stored::{CachedResponse, StoredResponse};
@@ -40,7 +41,7 @@ impl ResponseCache {
         {
             return pass(inner, request, None).await;
         }
-        let route = this.route_for(request.uri().path());
+        let route = this.routes.route_for(request.uri().path());
         if !route.cached {
             return pass(inner, request, None).await;
         }
@@ -54,7 +55,7 @@ impl ResponseCache {
         let Some(group) = this.groups.get(&route.tag) else {
             return pass(inner, request, None).await;
         };
-        let key = this.key(&request);
+        let key = cache_key(&request, &this.vary);
         let demands = has_directives(request.headers());
         if demands {
             if !request_allows_storing(&request) {
@@ -116,7 +117,13 @@ impl ResponseCache {
         std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
         let response = inner.call(request).await?;
         let (parts, body) = response.into_parts();
-        let Some(fresh) = self.inner.storable_for(&probe, &parts, route.options.ttl()) else {
+        let Some(fresh) = storable_for(
+            &probe,
+            &parts,
+            &self.inner.statuses,
+            &self.inner.vary,
+            route.options.ttl(),
+        ) else {
             return Ok(marked(
                 Response::from_parts(parts, body::boxed(body)),
                 CacheStatus::Miss,
