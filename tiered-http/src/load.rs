@@ -14,9 +14,9 @@ use tower_service::Service;
 
 use crate::body::{self, Collected, ResponseBody};
 use crate::cache::ResponseCache;
-use crate::policy::{probe, storable_for};
-use crate::response::{CacheStatus, failure, is_head, marked, respond};
-use crate::serve::pass;
+use crate::policy::{storable_for, without_body};
+use crate::response::{CacheStatus, answer_from_stored, error_answer, is_head, with_x_cache};
+use crate::serve::pass_through;
 use crate::stored::{CachedResponse, StoredResponse};
 
 impl ResponseCache {
@@ -51,7 +51,7 @@ impl ResponseCache {
         ResB::Error: Into<BoxError>,
     {
         let request = lock(&call.request).take().ok_or(Gone)?;
-        let probe = probe(&request);
+        let bodiless = without_body(&request);
         std::future::poll_fn(|cx| inner.poll_ready(cx))
             .await
             .map_err(Into::into)?;
@@ -63,7 +63,7 @@ impl ResponseCache {
             return Err(Box::new(ServerError(status)));
         }
         let Some(fresh) = storable_for(
-            &probe,
+            &bodiless,
             &parts,
             &self.inner.statuses,
             &self.inner.vary,
@@ -130,7 +130,7 @@ impl<B> Call<B> {
                 return None; // its loader never ran
             }
             if let Some(stored) = lock(&self.produced).as_ref() {
-                return Some(respond(stored, CacheStatus::Miss, self.head));
+                return Some(answer_from_stored(stored, CacheStatus::Miss, self.head));
             }
             if !wait {
                 return None;
@@ -154,12 +154,12 @@ impl<B> Call<B> {
         ResB::Error: Into<BoxError>,
     {
         if let Some(response) = self.own_answer(true).await {
-            return Ok(marked(response, CacheStatus::Miss));
+            return Ok(with_x_cache(response, CacheStatus::Miss));
         }
         let request = lock(&self.request).take();
         match request {
-            Some(request) => pass(fallback, request, Some(CacheStatus::Miss)).await,
-            None => Ok(failure(
+            Some(request) => pass_through(fallback, request, Some(CacheStatus::Miss)).await,
+            None => Ok(error_answer(
                 StatusCode::BAD_GATEWAY,
                 &"the load ended without an answer",
             )),
@@ -172,13 +172,13 @@ impl<B> Call<B> {
         // Past the hard timeout, answer now; otherwise the handler's own answer is coming.
         let wait = !matches!(error, CacheError::WaitTimeout { .. });
         if let Some(response) = self.own_answer(wait).await {
-            return marked(response, CacheStatus::Miss);
+            return with_x_cache(response, CacheStatus::Miss);
         }
         let status = match error {
             CacheError::WaitTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         };
-        failure(status, error)
+        error_answer(status, error)
     }
 }
 

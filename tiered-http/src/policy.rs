@@ -38,7 +38,7 @@ pub(crate) fn storable_for(
         return None;
     }
     let now = SystemTime::now();
-    let policy = CachePolicy::new_options(request, parts, now, shared());
+    let policy = CachePolicy::new_options(request, parts, now, shared_cache());
     if !policy.is_storable() {
         return None;
     }
@@ -52,29 +52,32 @@ pub(crate) fn storable_for(
     }
 }
 
-pub(crate) fn has_directives(headers: &HeaderMap) -> bool {
+/// Whether the request sets cache directives of its own (`Cache-Control` or `Pragma`).
+pub(crate) fn has_cache_directives(headers: &HeaderMap) -> bool {
     headers.contains_key(header::CACHE_CONTROL) || headers.contains_key(header::PRAGMA)
 }
 
 /// The request's method, URI and headers, for `http-cache-semantics`.
-pub(crate) fn probe<B>(request: &Request<B>) -> Request<()> {
-    let mut probe = Request::new(());
-    *probe.method_mut() = request.method().clone();
-    *probe.uri_mut() = request.uri().clone();
-    *probe.headers_mut() = request.headers().clone();
-    probe
+pub(crate) fn without_body<B>(request: &Request<B>) -> Request<()> {
+    let mut bodiless = Request::new(());
+    *bodiless.method_mut() = request.method().clone();
+    *bodiless.uri_mut() = request.uri().clone();
+    *bodiless.headers_mut() = request.headers().clone();
+    bodiless
 }
 
-fn shared() -> CacheOptions {
+/// `http-cache-semantics` judging as a shared cache (RFC 9111 §3.5: no `private`, care with
+/// `Authorization`).
+fn shared_cache() -> CacheOptions {
     CacheOptions {
         shared: true,
         ..CacheOptions::default()
     }
 }
 
-/// A response that any shared cache may keep for `fresh`, stored at `at`: the request's own
-/// directives are then all that decides (`http-cache-semantics` reads them).
-fn reference(fresh: Duration) -> http::response::Parts {
+/// A response that any shared cache may keep for `fresh`: against it, the request's own
+/// directives are all that decides (`http-cache-semantics` reads them).
+fn public_response(fresh: Duration) -> http::response::Parts {
     let value = format!("public, max-age={}", fresh.as_secs());
     let mut response = Response::new(());
     if let Ok(value) = HeaderValue::from_str(&value) {
@@ -86,22 +89,22 @@ fn reference(fresh: Duration) -> http::response::Parts {
 /// Whether the request allows storing its response (`Cache-Control: no-store` does not).
 pub(crate) fn request_allows_storing<B>(request: &Request<B>) -> bool {
     let policy = CachePolicy::new_options(
-        &probe(request),
-        &reference(Duration::from_secs(60)),
+        &without_body(request),
+        &public_response(Duration::from_secs(60)),
         SystemTime::now(),
-        shared(),
+        shared_cache(),
     );
     policy.is_storable()
 }
 
 /// Whether `stored` meets the request's own limits (`no-cache`, `max-age`, `min-fresh`).
-pub(crate) fn satisfies<B>(stored: &StoredResponse, request: &Request<B>) -> bool {
-    let request = probe(request);
+pub(crate) fn meets_request_limits<B>(stored: &StoredResponse, request: &Request<B>) -> bool {
+    let request = without_body(request);
     let policy = CachePolicy::new_options(
         &request,
-        &reference(stored.fresh_for()),
+        &public_response(stored.fresh_for()),
         stored.stored_at(),
-        shared(),
+        shared_cache(),
     );
     matches!(
         policy.before_request(&request, SystemTime::now()),
@@ -171,22 +174,25 @@ mod tests {
         )));
         let parts = response(200, &[]);
         let fresh = StoredResponse::new(&parts, Bytes::new(), Duration::from_secs(60));
-        assert!(satisfies(&fresh, &get("/", &[])));
-        assert!(satisfies(
+        assert!(meets_request_limits(&fresh, &get("/", &[])));
+        assert!(meets_request_limits(
             &fresh,
             &get("/", &[("cache-control", "max-age=30")])
         ));
-        assert!(!satisfies(
+        assert!(!meets_request_limits(
             &fresh,
             &get("/", &[("cache-control", "no-cache")])
         ));
-        assert!(!satisfies(&fresh, &get("/", &[("pragma", "no-cache")])));
-        assert!(!satisfies(
+        assert!(!meets_request_limits(
+            &fresh,
+            &get("/", &[("pragma", "no-cache")])
+        ));
+        assert!(!meets_request_limits(
             &fresh,
             &get("/", &[("cache-control", "min-fresh=120")])
         ));
         let old = StoredResponse::new(&parts, Bytes::new(), Duration::ZERO);
-        assert!(!satisfies(
+        assert!(!meets_request_limits(
             &old,
             &get("/", &[("cache-control", "max-age=60")])
         ));

@@ -24,7 +24,8 @@ pub enum CacheStatus {
     /// fail-safe window (a refresh runs in the background).
     Stale,
     /// The cache was not consulted: the request carries a header listed in
-    /// [`ResponseCacheBuilder::bypass_header`](crate::ResponseCacheBuilder::bypass_header) or `Cache-Control: no-store`.
+    /// [`ResponseCacheBuilder::bypass_header`](crate::ResponseCacheBuilder::bypass_header) or
+    /// `Cache-Control: no-store`.
     Bypass,
 }
 
@@ -41,13 +42,13 @@ impl CacheStatus {
 }
 
 /// A stored response as an answer, with `Age` and `X-Cache`.
-pub(crate) fn respond(
+pub(crate) fn answer_from_stored(
     stored: &StoredResponse,
     status: CacheStatus,
     head: bool,
 ) -> Response<ResponseBody> {
     let Some(code) = stored.status() else {
-        return failure(
+        return error_answer(
             StatusCode::BAD_GATEWAY,
             &"a cached response has no valid status",
         );
@@ -64,10 +65,11 @@ pub(crate) fn respond(
     response
         .headers_mut()
         .insert(header::AGE, HeaderValue::from(age));
-    marked(response, status)
+    with_x_cache(response, status)
 }
 
-pub(crate) fn marked(
+/// `response` with `X-Cache: <status>`.
+pub(crate) fn with_x_cache(
     mut response: Response<ResponseBody>,
     status: CacheStatus,
 ) -> Response<ResponseBody> {
@@ -77,15 +79,17 @@ pub(crate) fn marked(
     response
 }
 
-pub(crate) fn failure(status: StatusCode, error: &dyn fmt::Display) -> Response<ResponseBody> {
+/// An empty answer with `status` (`X-Cache: MISS`), when the cache has no response to give;
+/// `error` is logged.
+pub(crate) fn error_answer(status: StatusCode, error: &dyn fmt::Display) -> Response<ResponseBody> {
     tracing::debug!(%error, %status, "answering with an error status");
     let mut response = Response::new(body::empty());
     *response.status_mut() = status;
-    marked(response, CacheStatus::Miss)
+    with_x_cache(response, CacheStatus::Miss)
 }
 
 /// HIT if fresh, STALE past its freshness.
-pub(crate) fn label(stored: &StoredResponse) -> CacheStatus {
+pub(crate) fn hit_or_stale(stored: &StoredResponse) -> CacheStatus {
     if stored.is_stale(SystemTime::now()) {
         CacheStatus::Stale
     } else {
@@ -93,6 +97,7 @@ pub(crate) fn label(stored: &StoredResponse) -> CacheStatus {
     }
 }
 
+/// Whether the answer to `request` carries no body.
 pub(crate) fn is_head<B>(request: &Request<B>) -> bool {
     request.method() == Method::HEAD
 }

@@ -30,7 +30,8 @@ pub struct Route {
 
 impl Route {
     /// Responses cached under `tag` (letters, digits, `-`, `_`, `.`), invalidated together by
-    /// [`ResponseCache::invalidate_tag`](crate::ResponseCache::invalidate_tag); TTL [`DEFAULT_ROUTE_TTL`].
+    /// [`ResponseCache::invalidate_tag`](crate::ResponseCache::invalidate_tag); TTL
+    /// [`DEFAULT_ROUTE_TTL`].
     pub fn tagged(tag: impl Into<String>) -> Self {
         Route {
             tag: tag.into(),

@@ -15,8 +15,12 @@ use crate::body::{self, Collected, ResponseBody};
 use crate::cache::ResponseCache;
 use crate::key::cache_key;
 use crate::load::Call;
-use crate::policy::{has_directives, probe, request_allows_storing, satisfies, storable_for};
-use crate::response::{CacheStatus, failure, is_head, label, marked, respond};
+use crate::policy::{
+    has_cache_directives, meets_request_limits, request_allows_storing, storable_for, without_body,
+};
+use crate::response::{
+    CacheStatus, answer_from_stored, error_answer, hit_or_stale, is_head, with_x_cache,
+};
 use crate::route::Route;
 use crate::stored::{CachedResponse, StoredResponse};
 
@@ -39,37 +43,40 @@ impl ResponseCache {
         if !matches!(*request.method(), Method::GET | Method::HEAD)
             || request.headers().contains_key(header::UPGRADE)
         {
-            return pass(inner, request, None).await;
+            return pass_through(inner, request, None).await;
         }
         let route = this.routes.route_for(request.uri().path());
         if !route.cached {
-            return pass(inner, request, None).await;
+            return pass_through(inner, request, None).await;
         }
         if this
             .bypass
             .iter()
             .any(|h| request.headers().contains_key(h))
         {
-            return pass(inner, request, Some(CacheStatus::Bypass)).await;
+            return pass_through(inner, request, Some(CacheStatus::Bypass)).await;
         }
         let Some(group) = this.groups.get(&route.tag) else {
-            return pass(inner, request, None).await;
+            return pass_through(inner, request, None).await;
         };
         let key = cache_key(&request, &this.vary);
-        let demands = has_directives(request.headers());
-        if demands {
+        if has_cache_directives(request.headers()) {
             if !request_allows_storing(&request) {
-                return pass(inner, request, Some(CacheStatus::Bypass)).await;
+                return pass_through(inner, request, Some(CacheStatus::Bypass)).await;
             }
             // The request sets its own limits (`no-cache`, `max-age`, `min-fresh`): check what
             // is cached against them, and go to the handler if it does not satisfy them.
             if let Ok(Some(found)) = group.get_with(&key, route.options).await {
                 match &found.0 {
-                    Some(stored) if satisfies(stored, &request) => {
-                        return Ok(respond(stored, label(stored), is_head(&request)));
+                    Some(stored) if meets_request_limits(stored, &request) => {
+                        return Ok(answer_from_stored(
+                            stored,
+                            hit_or_stale(stored),
+                            is_head(&request),
+                        ));
                     }
                     Some(_) => return self.reload(inner, request, group, &key, route).await,
-                    None => return pass(inner, request, Some(CacheStatus::Miss)).await,
+                    None => return pass_through(inner, request, Some(CacheStatus::Miss)).await,
                 }
             }
         }
@@ -88,9 +95,9 @@ impl ResponseCache {
                 let status = if call.produced(&stored) {
                     CacheStatus::Miss
                 } else {
-                    label(&stored)
+                    hit_or_stale(&stored)
                 };
-                Ok(respond(&stored, status, head))
+                Ok(answer_from_stored(&stored, status, head))
             }
             Ok(CachedResponse(None)) => call.answer_for_pass(fallback).await,
             Err(error) => Ok(call.answer_for_error(&error).await),
@@ -112,19 +119,19 @@ impl ResponseCache {
         ResB: Body<Data = Bytes> + Send + 'static,
         ResB::Error: Into<BoxError>,
     {
-        let probe = probe(&request);
+        let bodiless = without_body(&request);
         let head = is_head(&request);
         std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
         let response = inner.call(request).await?;
         let (parts, body) = response.into_parts();
         let Some(fresh) = storable_for(
-            &probe,
+            &bodiless,
             &parts,
             &self.inner.statuses,
             &self.inner.vary,
             route.options.ttl(),
         ) else {
-            return Ok(marked(
+            return Ok(with_x_cache(
                 Response::from_parts(parts, body::boxed(body)),
                 CacheStatus::Miss,
             ));
@@ -139,18 +146,19 @@ impl ResponseCache {
                 {
                     tracing::debug!(%error, "storing a reloaded response failed");
                 }
-                Ok(respond(&stored, CacheStatus::Miss, head))
+                Ok(answer_from_stored(&stored, CacheStatus::Miss, head))
             }
-            Ok(Collected::Streaming(body)) => {
-                Ok(marked(Response::from_parts(parts, body), CacheStatus::Miss))
-            }
-            Err(error) => Ok(failure(StatusCode::BAD_GATEWAY, &error)),
+            Ok(Collected::Streaming(body)) => Ok(with_x_cache(
+                Response::from_parts(parts, body),
+                CacheStatus::Miss,
+            )),
+            Err(error) => Ok(error_answer(StatusCode::BAD_GATEWAY, &error)),
         }
     }
 }
 
-/// Passes `request` to the handler; marks the answer if `status` is given.
-pub(crate) async fn pass<S, B, ResB>(
+/// Passes `request` through to the handler; sets `X-Cache` on the answer if `status` is given.
+pub(crate) async fn pass_through<S, B, ResB>(
     mut inner: S,
     request: Request<B>,
     status: Option<CacheStatus>,
@@ -163,7 +171,7 @@ where
     std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
     let response = inner.call(request).await?.map(body::boxed);
     Ok(match status {
-        Some(status) => marked(response, status),
+        Some(status) => with_x_cache(response, status),
         None => response,
     })
 }
