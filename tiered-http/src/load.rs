@@ -16,7 +16,7 @@ use crate::body::{self, Collected, ResponseBody};
 use crate::cache::ResponseCache;
 use crate::policy::{storable_for, without_body};
 use crate::response::{CacheStatus, answer_from_stored, error_answer, is_head, with_x_cache};
-use crate::serve::pass_through;
+use crate::serve::{call_when_ready, pass_through};
 use crate::stored::{CachedResponse, StoredResponse};
 
 impl ResponseCache {
@@ -35,27 +35,11 @@ impl ResponseCache {
     {
         // Wakes this request's caller however the load ends, even if it is dropped.
         let _finished = Finished(Arc::clone(&call));
-        self.run_handler(&mut inner, &call, default_ttl).await
-    }
-
-    async fn run_handler<S, ReqB, ResB>(
-        &self,
-        inner: &mut S,
-        call: &Call<ReqB>,
-        default_ttl: Duration,
-    ) -> std::result::Result<Loaded<CachedResponse>, BoxError>
-    where
-        S: Service<Request<ReqB>, Response = Response<ResB>> + Send,
-        S::Error: Into<BoxError>,
-        ResB: Body<Data = Bytes> + Send + 'static,
-        ResB::Error: Into<BoxError>,
-    {
         let request = lock(&call.request).take().ok_or(Gone)?;
         let bodiless = without_body(&request);
-        std::future::poll_fn(|cx| inner.poll_ready(cx))
+        let response = call_when_ready(&mut inner, request)
             .await
             .map_err(Into::into)?;
-        let response = inner.call(request).await.map_err(Into::into)?;
         let (parts, body) = response.into_parts();
         if parts.status.is_server_error() {
             let status = parts.status;
@@ -70,7 +54,7 @@ impl ResponseCache {
             default_ttl,
         ) else {
             call.keep(Response::from_parts(parts, body::boxed(body)));
-            return Ok(Loaded::new(CachedResponse::pass()).time_to_live(self.inner.pass_ttl));
+            return Ok(self.pass_marker());
         };
         match body::collect(body, self.inner.max_body).await? {
             Collected::Whole(bytes) => {
@@ -80,9 +64,15 @@ impl ResponseCache {
             }
             Collected::Streaming(body) => {
                 call.keep(Response::from_parts(parts, body));
-                Ok(Loaded::new(CachedResponse::pass()).time_to_live(self.inner.pass_ttl))
+                Ok(self.pass_marker())
             }
         }
+    }
+
+    /// What a load that found the resource not cacheable stores: the pass marker, for
+    /// [`ResponseCacheBuilder::pass_time_to_live`](crate::ResponseCacheBuilder::pass_time_to_live).
+    fn pass_marker(&self) -> Loaded<CachedResponse> {
+        Loaded::new(CachedResponse::pass()).time_to_live(self.inner.pass_ttl)
     }
 }
 

@@ -121,8 +121,7 @@ impl ResponseCache {
     {
         let bodiless = without_body(&request);
         let head = is_head(&request);
-        std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
-        let response = inner.call(request).await?;
+        let response = call_when_ready(&mut inner, request).await?;
         let (parts, body) = response.into_parts();
         let Some(fresh) = storable_for(
             &bodiless,
@@ -168,10 +167,21 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
-    let response = inner.call(request).await?.map(body::boxed);
+    let response = call_when_ready(&mut inner, request).await?.map(body::boxed);
     Ok(match status {
         Some(status) => with_x_cache(response, status),
         None => response,
     })
+}
+
+/// Calls `service` with `request` once it is ready.
+pub(crate) async fn call_when_ready<S, R>(
+    service: &mut S,
+    request: R,
+) -> std::result::Result<S::Response, S::Error>
+where
+    S: Service<R>,
+{
+    std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
+    service.call(request).await
 }
