@@ -25,13 +25,21 @@ pub struct ResponseCache {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// What every clone of the handle shares: the settings that serving reads, and one cache per tag.
 pub(crate) struct Inner {
+    /// Which route a path follows.
     pub(crate) routes: Routes,
+    /// The cache of each tag.
     pub(crate) groups: BTreeMap<String, TieredCache<CachedResponse>>,
+    /// The request headers keys vary on; a response varying on any other is not stored.
     pub(crate) vary: Vec<HeaderName>,
+    /// Requests carrying any of these headers skip the cache.
     pub(crate) bypass: Vec<HeaderName>,
+    /// The statuses that may be stored.
     pub(crate) statuses: Vec<StatusCode>,
+    /// Bodies bigger than this are passed through.
     pub(crate) max_body: usize,
+    /// How long a pass marker lasts.
     pub(crate) pass_ttl: Duration,
 }
 
