@@ -62,18 +62,29 @@
 //! ```
 
 mod body;
+mod builder;
 mod cache;
 mod error;
+mod key;
+mod layer;
+mod load;
+mod policy;
+mod response;
+mod route;
+mod serve;
 mod service;
 mod stored;
+#[cfg(test)]
+mod testing;
 
 pub use body::ResponseBody;
-pub use cache::{
-    CacheStatus, DEFAULT_MAX_BODY_BYTES, DEFAULT_PASS_TTL, DEFAULT_ROUTE_TTL, DEFAULT_TAG,
-    ResponseCache, ResponseCacheBuilder, Route, X_CACHE,
-};
+pub use builder::{DEFAULT_MAX_BODY_BYTES, DEFAULT_PASS_TTL, ResponseCacheBuilder};
+pub use cache::ResponseCache;
 pub use error::{Error, Result};
-pub use service::{ResponseCacheLayer, ResponseCacheService};
+pub use layer::ResponseCacheLayer;
+pub use response::{CacheStatus, X_CACHE};
+pub use route::{DEFAULT_ROUTE_TTL, DEFAULT_TAG, Route};
+pub use service::ResponseCacheService;
 pub use stored::CachedResponse;
 
 /// The README's examples, compiled as doctests (they use this crate and `tiered`).

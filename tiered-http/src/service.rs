@@ -1,4 +1,4 @@
-//! The tower [`Layer`] and [`Service`] that put a [`ResponseCache`] in front of a handler.
+//! The tower [`Service`] that answers requests through a [`ResponseCache`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,42 +8,17 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tiered::BoxError;
-use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::ResponseCache;
 use crate::body::ResponseBody;
 
-/// Wraps services in a [`ResponseCacheService`]; from [`ResponseCache::layer`].
-#[derive(Debug, Clone)]
-pub struct ResponseCacheLayer {
-    cache: ResponseCache,
-}
-
-impl ResponseCacheLayer {
-    /// A layer caching into `cache`.
-    pub fn new(cache: ResponseCache) -> Self {
-        ResponseCacheLayer { cache }
-    }
-}
-
-impl<S> Layer<S> for ResponseCacheLayer {
-    type Service = ResponseCacheService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        ResponseCacheService {
-            inner,
-            cache: self.cache.clone(),
-        }
-    }
-}
-
 /// A service answering GET and HEAD requests from the cache when it can; every other request
 /// goes to the wrapped service untouched.
 #[derive(Debug, Clone)]
 pub struct ResponseCacheService<S> {
-    inner: S,
-    cache: ResponseCache,
+    pub(crate) inner: S,
+    pub(crate) cache: ResponseCache,
 }
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for ResponseCacheService<S>

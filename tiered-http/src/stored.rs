@@ -101,6 +101,13 @@ impl StoredResponse {
         &self.body
     }
 
+    /// The same response, stored `by` earlier.
+    #[cfg(test)]
+    pub(crate) fn backdated(mut self, by: Duration) -> Self {
+        self.stored_at_ms -= u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
     /// The response's declared content type, for diagnostics.
     #[cfg(test)]
     fn content_type(&self) -> Option<HeaderValue> {
