@@ -42,14 +42,36 @@ pub(crate) fn storable_for(
     if !policy.is_storable() {
         return None;
     }
-    if headers.contains_key(header::CACHE_CONTROL) || headers.contains_key(header::EXPIRES) {
+    if says_how_long(headers) {
         // `max-age` can say anything up to 2^31 s: kept within what an entry may live.
         Some(policy.time_to_live(now))
             .filter(|ttl| !ttl.is_zero())
             .map(|ttl| ttl.min(tiered::MAX_OPTION_DURATION))
     } else {
+        // Storable, and silent on how long (no header, or only `public`, `must-revalidate`,
+        // …): the route's TTL.
         Some(default_ttl)
     }
+}
+
+/// Whether a response gives its own freshness lifetime: `Expires`, or a `Cache-Control`
+/// with `max-age`, `s-maxage` or `no-cache` (fresh for zero: revalidate every time).
+fn says_how_long(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::EXPIRES)
+        || headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|d| {
+                d.trim()
+                    .split('=')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .any(|d| matches!(d.as_str(), "max-age" | "s-maxage" | "no-cache"))
 }
 
 /// Whether the request sets cache directives of its own (`Cache-Control` or `Pragma`).
@@ -179,6 +201,15 @@ mod tests {
             stored_for(&[("content-type", "text/plain")]),
             Some(ROUTE_TTL)
         );
+        // Cache-Control that allows storing but gives no lifetime: the route's TTL too.
+        assert_eq!(stored_for(&[("cache-control", "public")]), Some(ROUTE_TTL));
+        assert_eq!(
+            stored_for(&[("cache-control", "public, must-revalidate")]),
+            Some(ROUTE_TTL)
+        );
+        // Ones that say how long, or refuse, are followed.
+        assert_eq!(stored_for(&[("cache-control", "no-cache")]), None);
+        assert_eq!(stored_for(&[("cache-control", "private")]), None);
     }
 
     #[test]
