@@ -218,7 +218,7 @@ impl Redis {
             return;
         }
         let patterns = [
-            tiered::l2::KeySpace::new(namespace).match_pattern(),
+            tiered::KeySpace::new(namespace).match_pattern(),
             format!("{db_prefix}*"),
         ];
         let result = (|| -> redis::RedisResult<()> {
@@ -249,7 +249,7 @@ impl Redis {
         if let Err(e) = result {
             eprintln!(
                 "warning: could not delete this run's keys ({}*, {db_prefix}*) from Redis: {}",
-                tiered::l2::KeySpace::new(namespace).prefix(),
+                tiered::KeySpace::new(namespace).prefix(),
                 reason(&e, &self.url)
             );
         }

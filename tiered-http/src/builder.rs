@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 use http::header::HeaderName;
-use tiered::invalidation::{Bus, BusConfig};
-use tiered::l2::Connection;
+use tiered::Connection;
+use tiered::{Bus, BusConfig};
 use tiered::{Error as CacheError, TieredCache};
 
 use crate::cache::{Inner, ResponseCache};

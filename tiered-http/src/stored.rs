@@ -217,8 +217,8 @@ mod tests {
     }
 
     fn rmp_serde_roundtrip(value: &CachedResponse) -> CachedResponse {
-        let codec = tiered::l2::Codec::<CachedResponse>::new(tiered::l2::TypeTag::from_name("t"));
-        let meta = tiered::l2::EntryMeta {
+        let codec = l2::Codec::<CachedResponse>::new(l2::TypeTag::from_name("t"));
+        let meta = l2::EntryMeta {
             write_version: 0,
             fresh_for: Duration::from_secs(1),
             stale_for: Duration::from_secs(1),

@@ -564,7 +564,7 @@ async fn a_slow_handler_gets_a_gateway_timeout_and_its_answer_lands_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_redis_is_neither_an_error_storm_nor_a_stampede() {
     let redis = RedisServer::start();
-    let bus = tiered::invalidation::BusConfig::default()
+    let bus = tiered::BusConfig::default()
         .heartbeat(Duration::from_millis(100))
         .heartbeat_timeout(Duration::from_millis(100));
     let delta = bus.bound();

@@ -177,9 +177,18 @@ pub use error::{Error, Result};
 pub use health::{
     BusHealth, DEFAULT_HIT_RATIO_FLOOR, Health, HealthStatus, MIN_READS_FOR_HIT_RATIO, RedisHealth,
 };
-pub use invalidation;
-pub use l1;
-pub use l2;
+/// What most applications need, in one import: `use tiered::prelude::*;`.
+pub mod prelude {
+    pub use crate::{CacheConfig, EntryOptions, Error, Loaded, Result, TieredCache};
+}
+
+// The types of the tiers that appear in this crate's API, and no more: the tiers' raw
+// operations (writes without a version or an announcement) are not for applications.
+pub use invalidation::{Bus, BusConfig, BusStats, GapReason, Lease};
+pub use l1::Stats as L1Stats;
+pub use l2::{
+    Connection, ConnectionBuilder, DecodeError, Error as RedisError, KeySpace, StoreStats,
+};
 pub use options::{
     DEFAULT_FAIL_SAFE_THROTTLE, DEFAULT_HARD_TIMEOUT, DEFAULT_OUTAGE_STALENESS, EntryOptions,
     MAX_OPTION_DURATION,

@@ -55,7 +55,7 @@ impl Striped {
     }
 }
 
-/// A snapshot of a cache's counters, from [`TieredCache::stats`].
+/// A snapshot of a cache's counters, from [`TieredCache::stats`](crate::TieredCache::stats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -102,7 +102,7 @@ pub struct CacheStats {
     pub l1_unconfirmed: u64,
     /// Reads answered under the outage policy: Redis could not be asked and the bus could not
     /// vouch for L1, and an L1 entry fresh by its own TTL was served within
-    /// [`EntryOptions::outage_staleness`].
+    /// [`EntryOptions::outage_staleness`](crate::EntryOptions::outage_staleness).
     pub outage_served: u64,
     /// The L1 tier's own counters.
     pub l1: l1::Stats,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Loads, SOON};
 use testkit::RedisServer;
-use tiered::l2::KeySpace;
+use tiered::KeySpace;
 use tiered::{EntryOptions, Error, TieredCache};
 
 const PASSWORD: &str = "pw-Zq81-never-printed";
@@ -155,7 +155,7 @@ async fn passwords_appear_in_no_error_or_debug_output() {
         .redis_url(url(&server, "cache"));
     assert!(!format!("{builder:?}").contains(PASSWORD));
     let cache = builder.build().await.unwrap();
-    let shown = format!("{cache:?} {:?} {:?}", cache.store(), cache.bus());
+    let shown = format!("{cache:?} {:?} {:?}", cache.connection(), cache.bus());
     assert!(
         !shown.contains(PASSWORD) && !shown.contains("cache:"),
         "{shown}"

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::Target;
 use common::checker::{self, Run, bus, now_us};
 use testkit::RedisCluster;
-use tiered::l2::KeySpace;
+use tiered::KeySpace;
 
 /// Not a test of its own: the body of a helper node, run when the parent asks for it.
 #[test]

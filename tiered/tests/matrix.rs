@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{Loads, SOON, Target, eventually};
 use testkit::{RedisCluster, RedisServer};
 use tiered::EntryOptions;
-use tiered::l2::KeySpace;
+use tiered::KeySpace;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_single_server() {
@@ -221,8 +221,8 @@ async fn stale_while_revalidate_refreshes_once(target: &Target, ns: &str) {
 async fn corrupt_bytes_are_evicted_and_counted(target: &Target, ns: &str) {
     let a = target.node(ns).await;
     let key = KeySpace::new(ns).key("bad");
-    a.store()
-        .set_bytes(&key, b"not an entry of ours", Duration::from_secs(60))
+    let raw = l2::RedisStore::new(a.connection().clone());
+    raw.set_bytes(&key, b"not an entry of ours", Duration::from_secs(60))
         .await
         .unwrap();
     let loads = Loads::default();
@@ -232,7 +232,7 @@ async fn corrupt_bytes_are_evicted_and_counted(target: &Target, ns: &str) {
         .unwrap();
     assert_eq!(v, "good");
     assert_eq!(loads.count(), 1);
-    let stats = a.store().stats();
+    let stats = a.stats().l2;
     assert!(stats.decode_errors >= 1, "{}: {stats:?}", target.name);
     let b = target.node(ns).await;
     assert_eq!(b.get("bad").await.unwrap().as_deref(), Some("good"));

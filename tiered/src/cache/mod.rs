@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use invalidation::Bus;
 use l1::LocalCache;
-use l2::{Codec, KeySpace, LockWaiters, RedisStore};
+use l2::{Codec, Connection, KeySpace, LockWaiters, RedisStore};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -522,9 +523,12 @@ where
         &self.inner.namespace
     }
 
-    /// The L2 store (to share its connection with another cache, or for raw access).
-    pub fn store(&self) -> &RedisStore {
-        &self.inner.store
+    /// The Redis connection, to share with another cache
+    /// ([`TieredCacheBuilder::connection`](crate::TieredCacheBuilder::connection)). There is no
+    /// raw access to L2 through a cache: every change goes through the versioned, announced
+    /// writes above.
+    pub fn connection(&self) -> &Connection {
+        self.inner.store.connection()
     }
 
     /// The cache's health for a status or readiness endpoint: Redis reachability and latency
@@ -589,8 +593,8 @@ where
         crate::metrics::export(&self.inner);
     }
 
-    /// The invalidation bus this cache listens on (its counters: [`invalidation::Bus::stats`]).
-    pub fn bus(&self) -> &invalidation::Bus {
+    /// The invalidation bus this cache listens on (its counters: [`Bus::stats`]).
+    pub fn bus(&self) -> &Bus {
         &self.inner.bus
     }
 
