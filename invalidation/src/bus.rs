@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::BusConfig;
-use crate::event::{Consumer, GapReason};
+use crate::event::Consumer;
 use crate::lease::Lease;
 use crate::plan::{State, deliver};
 use crate::publisher::Publisher;
@@ -19,6 +19,8 @@ use crate::stats::{BusStats, Counters};
 
 /// How many items the queue between the subscriber connection and the bus's task holds; a
 /// message that finds it full is dropped, and that is a gap ([`GapReason::Overflow`]).
+///
+/// [`GapReason::Overflow`]: crate::GapReason::Overflow
 pub const QUEUE_CAPACITY: usize = 65_536;
 
 /// Payloads longer than this are not invalidation messages (counted as malformed, dropped
@@ -26,21 +28,20 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 pub const MAX_MESSAGE_LEN: usize = 1 << 20;
 
 pub(crate) enum Raw {
-    Message {
-        channel: String,
-        payload: Vec<u8>,
-    },
+    Message { channel: String, payload: Vec<u8> },
     Disconnected,
     Subscribed(String),
-    /// Heartbeat `n`: the subscriber's `run_id`, and its probes' trip (`None`: no channel
-    /// to probe on yet).
-    Beat {
-        n: u64,
-        run_id: Result<String, l2::Error>,
-        probe: Option<Result<Duration, l2::Error>>,
-        /// When the probe round started.
-        sent: std::time::Instant,
-    },
+    Beat(Beat),
+}
+
+/// Heartbeat `n`: the subscriber's `run_id`, and its probes' trip (`None`: no channel to probe
+/// on yet).
+pub(crate) struct Beat {
+    pub(crate) n: u64,
+    pub(crate) run_id: Result<String, l2::Error>,
+    pub(crate) probe: Option<Result<Duration, l2::Error>>,
+    /// When the probe round started.
+    pub(crate) sent: std::time::Instant,
 }
 
 pub(crate) struct Inner {
@@ -215,7 +216,7 @@ async fn heartbeat(inner: std::sync::Weak<Inner>, mut closed: watch::Receiver<()
             let sent = std::time::Instant::now();
             // The probes first, then the run_id: a failover or a remade cluster link that
             // happened before a probe returned shows in the run_id read after it, and its
-            // gap is applied before the round's proof (see `State::plan`).
+            // gap is applied before the round's proof (see `State::on_beat`).
             let beat = async {
                 let probe = match &probe_channel {
                     Some(channel) => Some(subscriber.probe(channel, timeout).await),
@@ -227,7 +228,7 @@ async fn heartbeat(inner: std::sync::Weak<Inner>, mut closed: watch::Receiver<()
                 (run_id, probe) = beat => {
                     // Waits while the queue is full: the beat is late, never lost.
                     tokio::select! {
-                        _ = tx.send(Raw::Beat { n, run_id, probe, sent }) => {}
+                        _ = tx.send(Raw::Beat(Beat { n, run_id, probe, sent })) => {}
                         _ = closed.changed() => {}
                     }
                 }
@@ -260,12 +261,7 @@ async fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<Raw>, mut closed: watch::
         // ahead of a probe's return) set the flag before that item was queued, so the gap is
         // part of this plan and is delivered before the probe's proof renews the lease.
         let overflowed = inner.counters.overflowed.swap(false, Ordering::AcqRel);
-        let mut plan = state.plan(&inner, batch);
-        if overflowed {
-            tracing::warn!(target: "invalidation", "the bus's queue overflowed: dropping L1");
-            plan.gap_all = Some(GapReason::Overflow);
-            state.sequences.forgive(None);
-        }
+        let plan = state.plan(&inner, batch, overflowed);
         let confirmed = plan.confirmed;
         deliver(&inner, plan).await;
         // Only now: the messages that arrived ahead of the probes have been applied.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::message;
 
-pub(crate) const LAG_SAMPLES: usize = 4096;
+const LAG_SAMPLES: usize = 4096;
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -47,6 +47,15 @@ impl Counters {
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
+    }
+
+    /// Keeps a propagation lag (µs), with the last [`LAG_SAMPLES`] before it.
+    pub(crate) fn sample_lag(&self, lag: u64) {
+        let mut lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
+        if lags.len() == LAG_SAMPLES {
+            lags.pop_front();
+        }
+        lags.push_back(lag);
     }
 
     /// A snapshot of the counters.
