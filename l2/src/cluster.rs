@@ -7,7 +7,7 @@ use redis::Value;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SlotAddr};
 
-use crate::connection::Connection;
+use crate::connection::{Connection, query_with_wait};
 use crate::error::Result;
 
 impl Connection {
@@ -94,7 +94,6 @@ pub(crate) async fn split_by_slot(
     keep_errors: bool,
     wait: Option<&(redis::Cmd, u32)>,
 ) -> redis::RedisResult<(Vec<Value>, Vec<Value>)> {
-    let mut acks = Vec::new();
     // One slot (a single key's read or write, the common case): the cluster client routes
     // the pipeline as it is.
     let mut slots = pipe
@@ -104,18 +103,10 @@ pub(crate) async fn split_by_slot(
         && slots.all(|r| r == Some(first))
     {
         let mut conn = cluster.clone();
-        let values: Vec<Value> = match wait {
-            None => pipe.query_async(&mut conn).await?,
-            Some((wait, _)) => {
-                let mut pipe = pipe.clone();
-                pipe.add_command(wait.clone());
-                let mut values: Vec<Value> = pipe.query_async(&mut conn).await?;
-                acks.extend(values.pop());
-                values
-            }
-        };
+        let (values, acks) = query_with_wait(&mut conn, pipe, wait).await?;
         return no_errors_unless(keep_errors, values).map(|v| (v, acks));
     }
+    let mut acks = Vec::new();
     let mut parts: HashMap<Route, (redis::Pipeline, Vec<usize>)> = HashMap::new();
     let mut total = 0;
     for (i, cmd) in pipe.cmd_iter().enumerate() {

@@ -116,6 +116,21 @@ impl Settings {
             _ => redis::Client::open(info).map_err(|e| Error::Config(e.kind_name())),
         }
     }
+
+    /// `connecting`, bounded as every connection attempt is (three connect timeouts and
+    /// 500 ms), its errors typed (`tls`: whether it is a TLS connection).
+    pub(crate) async fn bounded_connect<T>(
+        &self,
+        op: &'static str,
+        tls: bool,
+        connecting: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let bound = self.connect_timeout * 3 + Duration::from_millis(500);
+        tokio::time::timeout(bound, connecting)
+            .await
+            .map_err(|_| Error::Timeout { op, after: bound })?
+            .map_err(|e| Error::connect(e, tls))
+    }
 }
 
 impl fmt::Debug for Connection {
@@ -290,7 +305,6 @@ impl ConnectionBuilder {
             connect_timeout: self.connect_timeout,
             max_reconnect_delay: self.max_reconnect_delay,
         });
-        let bound = self.connect_timeout * 3 + Duration::from_millis(500);
         let connecting = async {
             if settings.cluster {
                 self.connect_cluster(&settings).await.map(Handle::Cluster)
@@ -298,13 +312,7 @@ impl ConnectionBuilder {
                 self.connect_single(&settings).await.map(Handle::Single)
             }
         };
-        let handle = tokio::time::timeout(bound, connecting)
-            .await
-            .map_err(|_| Error::Timeout {
-                op: "connect",
-                after: bound,
-            })?
-            .map_err(|e| Error::connect(e, tls))?;
+        let handle = settings.bounded_connect("connect", tls, connecting).await?;
         let conn = Connection {
             handle,
             timeout: self.timeout,
@@ -475,19 +483,11 @@ impl Connection {
         match &self.handle {
             Handle::Single(_) => {
                 let mut conn = self.handle.clone();
-                let Some((wait, _)) = wait else {
-                    let values = self
-                        .bounded(op, async move { pipe.query_async(&mut conn).await })
-                        .await?;
-                    return Ok((values, Vec::new()));
-                };
-                let mut pipe = pipe.clone();
-                pipe.add_command(wait.clone());
-                let mut values: Vec<Value> = self
-                    .bounded(op, async move { pipe.query_async(&mut conn).await })
-                    .await?;
-                let acks = values.pop().into_iter().collect();
-                Ok((values, acks))
+                self.bounded(
+                    op,
+                    async move { query_with_wait(&mut conn, pipe, wait).await },
+                )
+                .await
             }
             Handle::Cluster(cluster) => {
                 self.bounded(op, split_by_slot(cluster, pipe, keep_errors, wait))
@@ -613,6 +613,23 @@ pub(crate) async fn bounded<T>(
         Ok(Err(e)) => Err(Error::redis(op, e)),
         Err(_) => Err(Error::Timeout { op, after: timeout }),
     }
+}
+
+/// Runs `pipe` on `conn` as one pipeline, with `wait` appended if given, and returns the
+/// replies and, apart, the `WAIT` reply.
+pub(crate) async fn query_with_wait(
+    conn: &mut impl ConnectionLike,
+    pipe: &redis::Pipeline,
+    wait: Option<&(redis::Cmd, u32)>,
+) -> redis::RedisResult<(Vec<Value>, Vec<Value>)> {
+    let Some((wait, _)) = wait else {
+        return Ok((pipe.query_async(conn).await?, Vec::new()));
+    };
+    let mut pipe = pipe.clone();
+    pipe.add_command(wait.clone());
+    let mut values: Vec<Value> = pipe.query_async(conn).await?;
+    let acks = values.pop().into_iter().collect();
+    Ok((values, acks))
 }
 
 /// Checks a `WAIT` reply against the replicas wanted.

@@ -8,14 +8,23 @@ use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 
 use super::{Inner, open};
+use crate::connection::Connection;
 use crate::error::{Error, Result};
 
+/// Every node of `conn`'s cluster (`CLUSTER SLOTS`, masters first), with the credentials and
+/// TLS of its first seed; none on one server.
+pub(super) async fn cluster_nodes(conn: &Connection) -> Result<Vec<redis::ConnectionInfo>> {
+    let seed = &conn.settings.nodes[0];
+    Ok(conn
+        .cluster_nodes()
+        .await?
+        .iter()
+        .map(|(host, port, _)| at_node(seed, host, *port))
+        .collect())
+}
+
 /// The same credentials and TLS as `seed`, at `host:port`.
-pub(super) fn at_node(
-    seed: &redis::ConnectionInfo,
-    host: &str,
-    port: u16,
-) -> redis::ConnectionInfo {
+fn at_node(seed: &redis::ConnectionInfo, host: &str, port: u16) -> redis::ConnectionInfo {
     let addr = match seed.addr() {
         ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
             host: host.to_string(),
@@ -79,17 +88,7 @@ impl Inner {
         )
         .await?;
         for channel in channels {
-            let mut m = manager.clone();
-            match tokio::time::timeout(self.timeout * 4, m.subscribe(channel)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(Error::redis("subscribe", e)),
-                Err(_) => {
-                    return Err(Error::Timeout {
-                        op: "subscribe",
-                        after: self.timeout * 4,
-                    });
-                }
-            }
+            self.subscribe(&mut manager.clone(), channel).await?;
         }
         Ok((manager, mine))
     }
@@ -100,13 +99,8 @@ impl Inner {
     async fn move_on(&self) -> Result<()> {
         let _switching = self.switching.lock().await;
         let settings = &self.conn.settings;
-        let seed = &settings.nodes[0];
-        let mut candidates: Vec<redis::ConnectionInfo> = match self.conn.cluster_nodes().await {
+        let mut candidates: Vec<redis::ConnectionInfo> = match cluster_nodes(&self.conn).await {
             Ok(nodes) if !nodes.is_empty() => {
-                let nodes: Vec<redis::ConnectionInfo> = nodes
-                    .iter()
-                    .map(|(host, port, _)| at_node(seed, host, *port))
-                    .collect();
                 *self.known.write().unwrap_or_else(|p| p.into_inner()) = nodes.clone();
                 nodes
             }
@@ -117,7 +111,7 @@ impl Inner {
         // The node just lost goes last (it may be the only one left).
         let lost = self.node.read().unwrap_or_else(|p| p.into_inner()).clone();
         candidates.sort_by_key(|c| node_name(c) == lost);
-        let channels = self.channels();
+        let channels = self.handlers.channels();
         let mut last = Error::Config("no cluster node to subscribe on".into());
         for info in candidates {
             let name = node_name(&info);

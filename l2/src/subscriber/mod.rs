@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, ProtocolVersion, PushInfo, PushKind, Value};
@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 use crate::connection::Connection;
 use crate::error::{Error, Result};
-use failover::{at_node, node_name, rotate};
+use failover::{cluster_nodes, node_name, rotate};
 use identity::ServerClock;
 use probe::Probes;
 
@@ -51,7 +51,7 @@ struct Handlers {
 
 impl Handlers {
     fn dispatch(&self, push: &PushInfo) {
-        let by_channel = self.by_channel.read().unwrap_or_else(|p| p.into_inner());
+        let by_channel = self.read();
         match push.kind {
             PushKind::Message => {
                 let (Some(channel), Some(payload)) = (push.data.first(), push.data.get(1)) else {
@@ -60,17 +60,13 @@ impl Handlers {
                 let (Some(channel), Some(payload)) = (text(channel), bytes(payload)) else {
                     return;
                 };
-                for handler in by_channel.get(channel).into_iter().flatten() {
-                    handler(&Event::Message { channel, payload });
-                }
+                tell(&by_channel, channel, &Event::Message { channel, payload });
             }
             PushKind::Subscribe => {
                 let Some(channel) = push.data.first().and_then(text) else {
                     return;
                 };
-                for handler in by_channel.get(channel).into_iter().flatten() {
-                    handler(&Event::Subscribed { channel });
-                }
+                tell(&by_channel, channel, &Event::Subscribed { channel });
             }
             PushKind::Disconnection => {
                 for handler in by_channel.values().flatten() {
@@ -80,16 +76,44 @@ impl Handlers {
             _ => {}
         }
     }
-}
 
-impl Handlers {
     /// Tells `channel`'s handlers it is subscribed (for confirmations that arrived while
     /// their connection was not yet the active one).
     fn subscribed(&self, channel: &str) {
-        let by_channel = self.by_channel.read().unwrap_or_else(|p| p.into_inner());
-        for handler in by_channel.get(channel).into_iter().flatten() {
-            handler(&Event::Subscribed { channel });
-        }
+        tell(&self.read(), channel, &Event::Subscribed { channel });
+    }
+
+    /// Adds `handler` to `channel`'s; returns whether it is the first.
+    fn add(&self, channel: &str, handler: Handler) -> bool {
+        let mut by_channel = self.write();
+        let list = by_channel.entry(channel.to_string()).or_default();
+        list.push(handler);
+        list.len() == 1
+    }
+
+    /// Drops `channel`'s handlers.
+    fn remove(&self, channel: &str) {
+        self.write().remove(channel);
+    }
+
+    /// The channels that have handlers.
+    fn channels(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, Vec<Handler>>> {
+        self.by_channel.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, Vec<Handler>>> {
+        self.by_channel.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Calls `channel`'s handlers with `event`.
+fn tell(by_channel: &HashMap<String, Vec<Handler>>, channel: &str, event: &Event<'_>) {
+    for handler in by_channel.get(channel).into_iter().flatten() {
+        handler(event);
     }
 }
 
@@ -208,18 +232,17 @@ async fn open(
         .set_connection_timeout(Some(settings.connect_timeout))
         .set_number_of_retries(2)
         .set_max_delay(settings.max_reconnect_delay);
-    let bound = settings.connect_timeout * 3 + std::time::Duration::from_millis(500);
     let tls = matches!(
         client.get_connection_info().addr(),
         ConnectionAddr::TcpTls { .. }
     );
-    tokio::time::timeout(bound, client.get_connection_manager_with_config(config))
+    settings
+        .bounded_connect(
+            "connect subscriber",
+            tls,
+            client.get_connection_manager_with_config(config),
+        )
         .await
-        .map_err(|_| Error::Timeout {
-            op: "connect subscriber",
-            after: bound,
-        })?
-        .map_err(|e| Error::connect(e, tls))
 }
 
 impl Inner {
@@ -230,14 +253,17 @@ impl Inner {
             .clone()
     }
 
-    fn channels(&self) -> Vec<String> {
-        self.handlers
-            .by_channel
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+    /// Subscribes `manager` to `channel`, bounded by four command timeouts.
+    async fn subscribe(&self, manager: &mut ConnectionManager, channel: &str) -> Result<()> {
+        let after = self.timeout * 4;
+        match tokio::time::timeout(after, manager.subscribe(channel)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::redis("subscribe", e)),
+            Err(_) => Err(Error::Timeout {
+                op: "subscribe",
+                after,
+            }),
+        }
     }
 }
 
@@ -267,14 +293,7 @@ impl Subscriber {
         let Some((manager, node)) = opened else {
             return Err(last);
         };
-        let seed = &conn.settings.nodes[0];
-        let known = match conn.cluster_nodes().await {
-            Ok(nodes) => nodes
-                .iter()
-                .map(|(host, port, _)| at_node(seed, host, *port))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let known = cluster_nodes(conn).await.unwrap_or_default();
         let inner = Arc::new(Inner {
             current: RwLock::new(manager),
             node: RwLock::new(node),
@@ -337,41 +356,16 @@ impl Subscriber {
         channel: &str,
         handler: impl Fn(&Event<'_>) + Send + Sync + 'static,
     ) -> Result<()> {
-        let first = {
-            let mut by_channel = self
-                .inner
-                .handlers
-                .by_channel
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            let list = by_channel.entry(channel.to_string()).or_default();
-            list.push(Arc::new(handler));
-            list.len() == 1
-        };
-        if !first {
+        if !self.inner.handlers.add(channel, Arc::new(handler)) {
             return Ok(());
         }
         // Not while the subscriber moves: the channel must end up on the connection that
         // stays (a move that starts after this sees it among the handlers).
         let _switching = self.inner.switching.lock().await;
         let mut manager = self.inner.manager();
-        let result =
-            match tokio::time::timeout(self.inner.timeout * 4, manager.subscribe(channel)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(Error::redis("subscribe", e)),
-                Err(_) => Err(Error::Timeout {
-                    op: "subscribe",
-                    after: self.inner.timeout * 4,
-                }),
-            };
+        let result = self.inner.subscribe(&mut manager, channel).await;
         if result.is_err() {
-            let mut by_channel = self
-                .inner
-                .handlers
-                .by_channel
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            by_channel.remove(channel);
+            self.inner.handlers.remove(channel);
         }
         result
     }
