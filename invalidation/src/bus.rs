@@ -1,4 +1,9 @@
 //! [`Bus`]: one subscriber connection per process, a heartbeat on it, and gap detection.
+//!
+//! Here: the handle, the queue from the subscriber connection to the bus's task, the heartbeat
+//! and the task's loop. What each batch of the queue asks for, and handing it to the
+//! consumers, is in `plan.rs`; the settings in `config.rs`, what consumers are told in
+//! `event.rs`, the writers' side in `publisher.rs`, the counters in `stats.rs`.
 
 use std::collections::HashMap;
 use std::fmt;

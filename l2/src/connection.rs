@@ -1,5 +1,7 @@
 //! The connection to Redis — one server or a Redis Cluster, plain TCP or TLS — with a timeout
-//! on every command.
+//! on every command: the builder (TLS included), running commands, pipelines and scripts, and
+//! `WAIT` for replicas. What only a cluster needs (its nodes, pipelines split by slot) is in
+//! `cluster.rs`; a write script's command (`ScriptCall`) is built in `scripts.rs`.
 
 use std::fmt;
 use std::future::Future;

@@ -126,10 +126,6 @@ impl Subscriber {
     }
 }
 
-/// A digest of `CLUSTER LINKS`' inbound links: each peer and when its link was made. A
-/// peer's `PUBLISH` reaches this node over the link the peer opened (inbound here), so one
-/// that was dropped and made again changes the digest. Outbound links are left out: this
-/// node keeps remaking the one to a dead peer, which loses nothing.
 /// The highest server time the heartbeat has read from one server, and how many times it saw
 /// the clock go back by more than [`CLOCK_STEP`].
 #[derive(Debug, Default)]
@@ -165,6 +161,10 @@ impl ServerClock {
     }
 }
 
+/// A digest of `CLUSTER LINKS`' inbound links: each peer and when its link was made. A
+/// peer's `PUBLISH` reaches this node over the link the peer opened (inbound here), so one
+/// that was dropped and made again changes the digest. Outbound links are left out: this
+/// node keeps remaking the one to a dead peer, which loses nothing.
 fn links_digest(value: &Value) -> u64 {
     use std::hash::{Hash, Hasher};
     let items = match value {

@@ -1,4 +1,8 @@
 //! [`Subscriber`]: a dedicated pub/sub connection that reconnects and resubscribes by itself.
+//!
+//! Here: the handle, its events and handlers, opening its connection, and `listen`. Moving a
+//! cluster subscriber to another node is in `failover`; the heartbeat's questions (`ping`,
+//! `run_id`: who the server is) in `identity`; probes through pub/sub in `probe`.
 
 use std::collections::HashMap;
 use std::fmt;
