@@ -112,16 +112,22 @@
 //! for that), or stop someone who has it. Every process on the bus must share it.
 
 mod bus;
+mod config;
+mod event;
 mod lease;
 pub mod message;
+mod plan;
+mod publisher;
 mod sequence;
 pub mod sign;
+mod stats;
 
-pub use bus::{
-    Bus, BusConfig, BusStats, Consumer, DEFAULT_HEARTBEAT, DEFAULT_HEARTBEAT_TIMEOUT, Event,
-    Eviction, GapReason, MAX_MESSAGE_LEN, Publisher, QUEUE_CAPACITY, REPLAY_WINDOW,
-};
+pub use bus::{Bus, MAX_MESSAGE_LEN, QUEUE_CAPACITY};
+pub use config::{BusConfig, DEFAULT_HEARTBEAT, DEFAULT_HEARTBEAT_TIMEOUT, REPLAY_WINDOW};
+pub use event::{Consumer, Event, Eviction, GapReason};
 pub use lease::Lease;
+pub use publisher::Publisher;
+pub use stats::BusStats;
 
 /// The Redis pub/sub channel that carries the invalidations of a key space: its prefix, then
 /// `!inval` (data keys always have `{` after the prefix, so the two never meet).

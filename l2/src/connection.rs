@@ -1,7 +1,8 @@
 //! The connection to Redis — one server or a Redis Cluster, plain TCP or TLS — with a timeout
-//! on every command.
+//! on every command: the builder (TLS included), running commands, pipelines and scripts, and
+//! `WAIT` for replicas. What only a cluster needs (its nodes, pipelines split by slot) is in
+//! `cluster.rs`; a write script's command (`ScriptCall`) is built in `scripts.rs`.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -9,10 +10,12 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisFuture, TlsCertificates, Value};
 
+use crate::cluster::split_by_slot;
 use crate::error::{Error, Result};
+use crate::scripts::ScriptCall;
 
 /// The default timeout for one command: 250 ms.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
@@ -114,6 +117,21 @@ impl Settings {
                 .map_err(|e| Error::Config(format!("TLS settings: {}", e.kind_name()))),
             _ => redis::Client::open(info).map_err(|e| Error::Config(e.kind_name())),
         }
+    }
+
+    /// `connecting`, bounded as every connection attempt is (three connect timeouts and
+    /// 500 ms), its errors typed (`tls`: whether it is a TLS connection).
+    pub(crate) async fn bounded_connect<T>(
+        &self,
+        op: &'static str,
+        tls: bool,
+        connecting: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let bound = self.connect_timeout * 3 + Duration::from_millis(500);
+        tokio::time::timeout(bound, connecting)
+            .await
+            .map_err(|_| Error::Timeout { op, after: bound })?
+            .map_err(|e| Error::connect(e, tls))
     }
 }
 
@@ -289,7 +307,6 @@ impl ConnectionBuilder {
             connect_timeout: self.connect_timeout,
             max_reconnect_delay: self.max_reconnect_delay,
         });
-        let bound = self.connect_timeout * 3 + Duration::from_millis(500);
         let connecting = async {
             if settings.cluster {
                 self.connect_cluster(&settings).await.map(Handle::Cluster)
@@ -297,13 +314,7 @@ impl ConnectionBuilder {
                 self.connect_single(&settings).await.map(Handle::Single)
             }
         };
-        let handle = tokio::time::timeout(bound, connecting)
-            .await
-            .map_err(|_| Error::Timeout {
-                op: "connect",
-                after: bound,
-            })?
-            .map_err(|e| Error::connect(e, tls))?;
+        let handle = settings.bounded_connect("connect", tls, connecting).await?;
         let conn = Connection {
             handle,
             timeout: self.timeout,
@@ -474,19 +485,11 @@ impl Connection {
         match &self.handle {
             Handle::Single(_) => {
                 let mut conn = self.handle.clone();
-                let Some((wait, _)) = wait else {
-                    let values = self
-                        .bounded(op, async move { pipe.query_async(&mut conn).await })
-                        .await?;
-                    return Ok((values, Vec::new()));
-                };
-                let mut pipe = pipe.clone();
-                pipe.add_command(wait.clone());
-                let mut values: Vec<Value> = self
-                    .bounded(op, async move { pipe.query_async(&mut conn).await })
-                    .await?;
-                let acks = values.pop().into_iter().collect();
-                Ok((values, acks))
+                self.bounded(
+                    op,
+                    async move { query_with_wait(&mut conn, pipe, wait).await },
+                )
+                .await
             }
             Handle::Cluster(cluster) => {
                 self.bounded(op, split_by_slot(cluster, pipe, keep_errors, wait))
@@ -570,59 +573,6 @@ impl Connection {
         ))
     }
 
-    /// The masters of a cluster as `(host, port)` (from `CLUSTER SLOTS`); empty on one
-    /// server.
-    pub(crate) async fn masters(&self) -> Result<Vec<(String, u16)>> {
-        if !self.is_cluster() {
-            return Ok(Vec::new());
-        }
-        Ok(self
-            .cluster_nodes()
-            .await?
-            .into_iter()
-            .filter(|n| n.2)
-            .map(|n| (n.0, n.1))
-            .collect())
-    }
-
-    /// Every node of a cluster as `(host, port, is_master)`, masters first; empty on one
-    /// server.
-    pub(crate) async fn cluster_nodes(&self) -> Result<Vec<(String, u16, bool)>> {
-        if !self.is_cluster() {
-            return Ok(Vec::new());
-        }
-        let slots: Vec<Value> = self
-            .query("cluster slots", redis::cmd("CLUSTER").arg("SLOTS"))
-            .await?;
-        let mut masters = Vec::new();
-        let mut replicas = Vec::new();
-        for range in &slots {
-            let Value::Array(parts) = range else { continue };
-            for (i, node) in parts.iter().skip(2).enumerate() {
-                let Value::Array(node) = node else { continue };
-                let host = match node.first() {
-                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                    Some(Value::SimpleString(s)) => s.clone(),
-                    _ => continue,
-                };
-                let Some(Value::Int(port)) = node.get(1) else {
-                    continue;
-                };
-                let Ok(port) = u16::try_from(*port) else {
-                    continue;
-                };
-                let list = if i == 0 { &mut masters } else { &mut replicas };
-                if !list.contains(&(host.clone(), port)) {
-                    list.push((host, port));
-                }
-            }
-        }
-        let mut nodes: Vec<(String, u16, bool)> =
-            masters.into_iter().map(|(h, p)| (h, p, true)).collect();
-        nodes.extend(replicas.into_iter().map(|(h, p)| (h, p, false)));
-        Ok(nodes)
-    }
-
     /// Runs one command on one node of a cluster, bounded by the timeout.
     pub(crate) async fn query_node<T: redis::FromRedisValue>(
         &self,
@@ -667,118 +617,21 @@ pub(crate) async fn bounded<T>(
     }
 }
 
-/// The key a command of ours works on: the first argument after the name, or for `EVAL` /
-/// `EVALSHA` the first key after the key count.
-fn first_key(cmd: &redis::Cmd) -> Option<Vec<u8>> {
-    let args: Vec<&[u8]> = cmd
-        .args_iter()
-        .filter_map(|a| match a {
-            redis::Arg::Simple(bytes) => Some(bytes),
-            _ => None,
-        })
-        .collect();
-    let name = args.first()?;
-    let at = if name.eq_ignore_ascii_case(b"EVAL") || name.eq_ignore_ascii_case(b"EVALSHA") {
-        3
-    } else {
-        1
-    };
-    args.get(at).map(|k| k.to_vec())
-}
-
-/// Runs `pipe` on a cluster as one pipeline per hash slot, concurrently, and puts the replies
-/// back in `pipe`'s order. Each part keeps errors in place; unless `keep_errors`, the first
-/// server error fails the whole (as one server's pipeline would). With `wait`, each part ends
-/// with that `WAIT`, whose replies are returned apart.
-async fn split_by_slot(
-    cluster: &ClusterConnection,
+/// Runs `pipe` on `conn` as one pipeline, with `wait` appended if given, and returns the
+/// replies and, apart, the `WAIT` reply.
+pub(crate) async fn query_with_wait(
+    conn: &mut impl ConnectionLike,
     pipe: &redis::Pipeline,
-    keep_errors: bool,
     wait: Option<&(redis::Cmd, u32)>,
 ) -> redis::RedisResult<(Vec<Value>, Vec<Value>)> {
-    let mut acks = Vec::new();
-    // One slot (a single key's read or write, the common case): the cluster client routes
-    // the pipeline as it is.
-    let mut slots = pipe
-        .cmd_iter()
-        .map(|cmd| first_key(cmd).map(|k| Route::with_key(&k, SlotAddr::Master)));
-    if let Some(Some(first)) = slots.next()
-        && slots.all(|r| r == Some(first))
-    {
-        let mut conn = cluster.clone();
-        let values: Vec<Value> = match wait {
-            None => pipe.query_async(&mut conn).await?,
-            Some((wait, _)) => {
-                let mut pipe = pipe.clone();
-                pipe.add_command(wait.clone());
-                let mut values: Vec<Value> = pipe.query_async(&mut conn).await?;
-                acks.extend(values.pop());
-                values
-            }
-        };
-        return no_errors_unless(keep_errors, values).map(|v| (v, acks));
-    }
-    let mut parts: HashMap<Route, (redis::Pipeline, Vec<usize>)> = HashMap::new();
-    let mut total = 0;
-    for (i, cmd) in pipe.cmd_iter().enumerate() {
-        total += 1;
-        let key = first_key(cmd).ok_or_else(|| {
-            redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "a cluster pipeline command without a key",
-            ))
-        })?;
-        let (part, at) = parts
-            .entry(Route::with_key(&key, SlotAddr::Master))
-            .or_insert_with(|| {
-                let mut p = redis::pipe();
-                if pipe.is_transaction() {
-                    p.atomic();
-                }
-                p.ignore_errors();
-                (p, Vec::new())
-            });
-        part.add_command(cmd.clone());
-        at.push(i);
-    }
-    let runs = parts.into_values().map(|(mut part, at)| {
-        let mut conn = cluster.clone();
-        if let Some((wait, _)) = wait {
-            part.add_command(wait.clone());
-        }
-        async move {
-            let values: Vec<Value> = part.query_async(&mut conn).await?;
-            Ok::<_, redis::RedisError>((values, at))
-        }
-    });
-    let mut out = vec![Value::Nil; total];
-    for result in futures_util::future::join_all(runs).await {
-        let (mut values, at) = result?;
-        if wait.is_some() {
-            acks.extend(values.pop());
-        }
-        if values.len() != at.len() {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "wrong number of replies to a cluster pipeline part",
-            )));
-        }
-        for (value, i) in values.into_iter().zip(at) {
-            out[i] = value;
-        }
-    }
-    no_errors_unless(keep_errors, out).map(|v| (v, acks))
-}
-
-/// `values`, or the first server error among them unless `keep_errors`.
-fn no_errors_unless(keep_errors: bool, values: Vec<Value>) -> redis::RedisResult<Vec<Value>> {
-    if !keep_errors
-        && let Some(Value::ServerError(e)) =
-            values.iter().find(|v| matches!(v, Value::ServerError(_)))
-    {
-        return Err(e.clone().into());
-    }
-    Ok(values)
+    let Some((wait, _)) = wait else {
+        return Ok((pipe.query_async(conn).await?, Vec::new()));
+    };
+    let mut pipe = pipe.clone();
+    pipe.add_command(wait.clone());
+    let mut values: Vec<Value> = pipe.query_async(conn).await?;
+    let acks = values.pop().into_iter().collect();
+    Ok((values, acks))
 }
 
 /// Checks a `WAIT` reply against the replicas wanted.
@@ -795,37 +648,5 @@ fn check_acks(op: &'static str, reply: Option<Value>, wanted: u32) -> Result<()>
             op,
             redis::RedisError::from((redis::ErrorKind::Client, "no WAIT reply")),
         )),
-    }
-}
-
-/// A write script's `EVALSHA` command, built once: [`ScriptCall::new`] with the number of
-/// keys, then the keys, then the arguments ([`Connection::invoke_write`]).
-pub(crate) struct ScriptCall {
-    script: &'static redis::Script,
-    cmd: redis::Cmd,
-    keys_left: usize,
-}
-
-impl ScriptCall {
-    pub(crate) fn new(script: &'static redis::Script, keys: usize) -> Self {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(keys);
-        ScriptCall {
-            script,
-            cmd,
-            keys_left: keys,
-        }
-    }
-
-    pub(crate) fn key(mut self, key: impl redis::ToRedisArgs) -> Self {
-        self.keys_left -= 1;
-        self.cmd.arg(key);
-        self
-    }
-
-    pub(crate) fn arg(mut self, arg: impl redis::ToRedisArgs) -> Self {
-        debug_assert_eq!(self.keys_left, 0, "keys go before arguments");
-        self.cmd.arg(arg);
-        self
     }
 }

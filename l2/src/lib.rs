@@ -54,6 +54,7 @@
 //! Freshness is computed from the key's remaining life in Redis (PTTL), read atomically with
 //! the value, so it does not depend on the clocks of writer and reader agreeing.
 
+mod cluster;
 mod connection;
 mod envelope;
 mod error;

@@ -14,11 +14,10 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::connection::ScriptCall;
 use crate::envelope::{Codec, EntryMeta};
 use crate::error::Result;
 use crate::keys::{Key, KeySpace};
-use crate::scripts::{COMPLETE, COMPLETE_SRC, READ_OR_LOCK};
+use crate::scripts::{COMPLETE, COMPLETE_SRC, READ_OR_LOCK, ScriptCall};
 use crate::store::{Fetched, Raw, RedisStore, classify, ttl_ms};
 use crate::subscriber::{Event, Subscriber};
 use tokio::sync::watch;

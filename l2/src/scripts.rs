@@ -145,3 +145,37 @@ pub(crate) static COMPLETE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&script(COMPLETE_BODY)));
 /// The text of [`COMPLETE`], for pipelines of `EVAL` (a pipeline cannot load scripts).
 pub(crate) static COMPLETE_SRC: LazyLock<String> = LazyLock::new(|| script(COMPLETE_BODY));
+
+/// A write script's `EVALSHA` command, built once: [`ScriptCall::new`] with the number of
+/// keys, then the keys, then the arguments ([`Connection::invoke_write`]).
+///
+/// [`Connection::invoke_write`]: crate::Connection::invoke_write
+pub(crate) struct ScriptCall {
+    pub(crate) script: &'static redis::Script,
+    pub(crate) cmd: redis::Cmd,
+    pub(crate) keys_left: usize,
+}
+
+impl ScriptCall {
+    pub(crate) fn new(script: &'static redis::Script, keys: usize) -> Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys);
+        ScriptCall {
+            script,
+            cmd,
+            keys_left: keys,
+        }
+    }
+
+    pub(crate) fn key(mut self, key: impl redis::ToRedisArgs) -> Self {
+        self.keys_left -= 1;
+        self.cmd.arg(key);
+        self
+    }
+
+    pub(crate) fn arg(mut self, arg: impl redis::ToRedisArgs) -> Self {
+        debug_assert_eq!(self.keys_left, 0, "keys go before arguments");
+        self.cmd.arg(arg);
+        self
+    }
+}

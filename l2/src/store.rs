@@ -9,11 +9,11 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::connection::{Connection, ScriptCall};
+use crate::connection::Connection;
 use crate::envelope::{Codec, EntryMeta, FLAG_TOMBSTONE, TOMBSTONE, decode_header};
 use crate::error::{DecodeError, Error, Result};
 use crate::keys::{Key, KeySpace};
-use crate::scripts::{OVERWRITE, REMOVE};
+use crate::scripts::{OVERWRITE, REMOVE, ScriptCall};
 
 /// Deletes `KEYS[1]` only if it still holds `ARGV[1]`. Used to release a lock and to evict
 /// undecodable bytes without losing a write that replaced them meanwhile.

@@ -1,0 +1,83 @@
+//! What a consumer of the bus is told: [`Event`]s, and the [`GapReason`] of a gap.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// Why messages may have been missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GapReason {
+    /// Not raised any more on the drop itself: the resubscription that follows it is the gap
+    /// ([`GapReason::Resubscribed`]), so L1 entries stay usable under the cache's outage
+    /// policy while Redis is unreachable.
+    Disconnected,
+    /// The channel was subscribed again after a reconnect.
+    Resubscribed,
+    /// Not raised any more: a missed heartbeat only stops the lease's renewal (see
+    /// [`crate::BusStats::heartbeats_missed`]); what it could hide (a restart, a dropped
+    /// connection) is a gap of its own once Redis answers again.
+    HeartbeatMissed,
+    /// The server's `run_id` changed: it restarted. On a cluster also: the cluster's epoch
+    /// changed (a failover, which may have lost the old master's last writes), or the
+    /// subscriber moved to another node.
+    ServerRestarted,
+    /// A message its writer knew was published (vouched for by a later one) did not arrive
+    /// in time.
+    SequenceGap,
+    /// Messages came faster than this process applies them and the queue between the
+    /// subscriber connection and the bus was full ([`QUEUE_CAPACITY`]): some were dropped.
+    ///
+    /// [`QUEUE_CAPACITY`]: crate::QUEUE_CAPACITY
+    Overflow,
+}
+
+impl fmt::Display for GapReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GapReason::Disconnected => "subscriber disconnected",
+            GapReason::Resubscribed => "resubscribed after a reconnect",
+            GapReason::HeartbeatMissed => "heartbeat missed",
+            GapReason::ServerRestarted => "server restarted or cluster failed over",
+            GapReason::SequenceGap => "sequence gap",
+            GapReason::Overflow => "the bus's queue overflowed",
+        })
+    }
+}
+
+/// What a consumer is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Evict these keys unless L1 holds a version at least as new. Bursts are coalesced: one
+    /// entry per key and origin, with the newest version seen from that origin (one writer's
+    /// message never stands for another's).
+    Evict(Vec<Eviction>),
+    /// Drop the namespace's L1.
+    ClearNamespace {
+        /// The writing cache.
+        origin: u64,
+    },
+    /// Drop every L1.
+    ClearAll {
+        /// The writing cache.
+        origin: u64,
+    },
+    /// Messages may have been missed: drop everything in L1 that was there before.
+    Gap(GapReason),
+}
+
+/// One key to evict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eviction {
+    /// The cache key (as the cache's caller gave it).
+    pub key: String,
+    /// The key's new write version.
+    pub version: u64,
+    /// The writing cache.
+    pub origin: u64,
+}
+
+/// A consumer of one channel's events.
+pub type Consumer = Arc<dyn Fn(Event) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;

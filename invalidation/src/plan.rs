@@ -1,0 +1,311 @@
+//! What one batch of the bus's queue asks for ([`State::plan`]), and handing it to the
+//! consumers ([`deliver`]).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::bus::{Beat, Inner, Raw};
+use crate::config::REPLAY_WINDOW;
+use crate::event::{Consumer, Event, Eviction, GapReason};
+use crate::message::{self, Action};
+use crate::sequence::Sequences;
+use crate::sign::Key;
+use crate::stats::Counters;
+
+/// How many recent clear messages are remembered to refuse their replays.
+const RECENT_CLEARS: usize = 4096;
+
+#[derive(Default)]
+pub(crate) struct State {
+    sequences: Sequences,
+    /// With a secret: the (origin, seq) of recent clears, to refuse their replays; bounded
+    /// (the oldest are forgotten, and the replay window refuses them after 5 minutes).
+    clears: HashSet<(u64, u64)>,
+    clears_order: VecDeque<(u64, u64)>,
+    subscribed: HashSet<String>,
+    run_id: Option<String>,
+    /// The newest beat whose `run_id` was taken (beats overlap and may finish out of order).
+    beat: u64,
+}
+
+/// What one batch asks for, per channel, after coalescing.
+#[derive(Default)]
+pub(crate) struct Plan {
+    gap_all: Option<GapReason>,
+    gaps: HashMap<String, GapReason>,
+    clears: HashMap<String, Vec<Event>>,
+    /// Per channel, per (key, origin): one writer's message never stands for another's.
+    evictions: HashMap<String, HashMap<(String, u64), Eviction>>,
+    /// The start of the latest probe round that came back.
+    pub(crate) confirmed: Option<std::time::Instant>,
+}
+
+impl State {
+    /// What `batch` asks for: each item by its kind, in order, then what the sequences say
+    /// after it; `overflowed`: items were dropped on a full queue before this batch's.
+    pub(crate) fn plan(&mut self, inner: &Inner, batch: Vec<Raw>, overflowed: bool) -> Plan {
+        let counters = &inner.counters;
+        let now = Instant::now();
+        let mut plan = Plan::default();
+        for raw in batch {
+            match raw {
+                Raw::Message { channel, payload } => {
+                    self.on_message(inner, &mut plan, channel, &payload, now)
+                }
+                Raw::Disconnected => self.on_disconnect(counters),
+                Raw::Subscribed(channel) => self.on_subscribed(&mut plan, channel),
+                Raw::Beat(beat) => self.on_beat(counters, &mut plan, beat),
+            }
+        }
+        self.after_batch(counters, &mut plan, now, inner.config.heartbeat_timeout);
+        if overflowed {
+            self.on_overflow(&mut plan);
+        }
+        plan
+    }
+
+    /// A message: counted, decoded, checked against the secret (if any), its lag sampled,
+    /// its number tracked, and its action coalesced into `plan`.
+    fn on_message(
+        &mut self,
+        inner: &Inner,
+        plan: &mut Plan,
+        channel: String,
+        payload: &[u8],
+        now: Instant,
+    ) {
+        let counters = &inner.counters;
+        counters.received.fetch_add(1, Ordering::Relaxed);
+        let received = message::now_micros();
+        counters
+            .last_message_micros
+            .store(received, Ordering::Relaxed);
+        let msg = match message::decode(payload) {
+            Ok(msg) => msg,
+            Err(e) => {
+                counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    target: "invalidation",
+                    %channel, len = payload.len(), error = %e,
+                    "skipping a malformed invalidation message"
+                );
+                return;
+            }
+        };
+        if let Some(key) = &inner.config.secret
+            && !self.authentic(counters, key, &channel, payload, &msg, received)
+        {
+            return;
+        }
+        counters.sample_lag(received.saturating_sub(msg.sent_micros));
+        self.sequences
+            .see(&channel, msg.origin, msg.seq, &msg.vouches, now);
+        match msg.action {
+            Action::Evict(keys) => {
+                let slot = plan.evictions.entry(channel).or_default();
+                for (key, version) in keys {
+                    let e = slot.entry((key.clone(), msg.origin)).or_insert(Eviction {
+                        key,
+                        version,
+                        origin: msg.origin,
+                    });
+                    e.version = e.version.max(version);
+                }
+            }
+            Action::ClearNamespace => plan
+                .clears
+                .entry(channel)
+                .or_default()
+                .push(Event::ClearNamespace { origin: msg.origin }),
+            Action::ClearAll => {
+                let consumers = inner.consumers.read().unwrap_or_else(|p| p.into_inner());
+                for ch in consumers.keys() {
+                    plan.clears
+                        .entry(ch.clone())
+                        .or_default()
+                        .push(Event::ClearAll { origin: msg.origin });
+                }
+            }
+        }
+    }
+
+    /// The subscriber connection dropped. Messages published from now on are lost, but
+    /// nothing is dropped yet: the lease stops being renewed (so L1 stops answering as
+    /// confirmed within Δ of the last proof), L1 entries stay for the outage policy, and the
+    /// resubscription that ends the outage is the gap (see [`State::on_subscribed`]).
+    fn on_disconnect(&mut self, counters: &Counters) {
+        counters.down();
+    }
+
+    /// `channel` was subscribed. The first confirmation is the subscription itself, not a
+    /// gap; every later one follows a reconnect, and is.
+    fn on_subscribed(&mut self, plan: &mut Plan, channel: String) {
+        if !self.subscribed.insert(channel.clone()) {
+            plan.gaps.insert(channel, GapReason::Resubscribed);
+        }
+    }
+
+    /// A heartbeat: the server's identity (another one is a gap on every channel) and the
+    /// probe round (its start is a proof for the lease, if the identity read after it was).
+    fn on_beat(&mut self, counters: &Counters, plan: &mut Plan, beat: Beat) {
+        let Beat {
+            n,
+            run_id,
+            probe,
+            sent,
+        } = beat;
+        let run_id_read = run_id.is_ok();
+        match run_id {
+            Ok(run_id) if n > self.beat => {
+                self.beat = n;
+                counters.up();
+                if self.run_id.as_ref().is_some_and(|old| *old != run_id) {
+                    plan.gap_all = Some(GapReason::ServerRestarted);
+                }
+                self.run_id = Some(run_id);
+            }
+            // An older beat finishing after a newer one: nothing to learn.
+            Ok(_) => {}
+            Err(e) => {
+                counters.down();
+                counters.heartbeats_missed.fetch_add(1, Ordering::Relaxed);
+                // No gap: a connection that stays up loses no messages (a paused or
+                // stopped server delivers them late), and the lease, no longer
+                // renewed, bounds how late. A connection that drops is a gap when it
+                // is made again; a restarted server, by its new run_id.
+                tracing::warn!(target: "invalidation", error = %e, "heartbeat missed");
+            }
+        }
+        match probe {
+            Some(Ok(took)) => {
+                counters
+                    .probe_micros
+                    .store(took.as_micros() as u64, Ordering::Relaxed);
+                // A proof only with the server's identity read after it.
+                if run_id_read {
+                    plan.confirmed = plan.confirmed.max(Some(sent));
+                }
+            }
+            Some(Err(e)) => {
+                // No gap: nothing is known lost. The lease is not renewed, so L1
+                // stops answering once it runs out, until a probe comes back.
+                counters.probes_late.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "invalidation", error = %e, "a pub/sub probe did not come back in time: the L1 lease is not renewed");
+            }
+            None => {}
+        }
+    }
+
+    /// After a batch: its gaps forgive the numbers they may have lost, a number vouched for
+    /// and still missing after `grace` is a gap, and writers idle for long are forgotten.
+    fn after_batch(&mut self, counters: &Counters, plan: &mut Plan, now: Instant, grace: Duration) {
+        if plan.gap_all.is_some() {
+            self.sequences.forgive(None);
+        }
+        for channel in plan.gaps.keys() {
+            self.sequences.forgive(Some(channel));
+        }
+        for channel in self.sequences.overdue(now, grace) {
+            plan.gaps.entry(channel).or_insert(GapReason::SequenceGap);
+        }
+        // Forget writers not heard from for long (bounded memory; the count is bounded too).
+        self.sequences.forget_idle(now, Duration::from_secs(600));
+        counters
+            .origins
+            .store(self.sequences.origins() as u64, Ordering::Relaxed);
+    }
+
+    /// Items were dropped on a full queue: a gap on every channel, and the numbers they
+    /// carried are forgiven.
+    fn on_overflow(&mut self, plan: &mut Plan) {
+        tracing::warn!(target: "invalidation", "the bus's queue overflowed: dropping L1");
+        plan.gap_all = Some(GapReason::Overflow);
+        self.sequences.forgive(None);
+    }
+
+    /// With a secret: whether `msg` (decoded from `payload`, on `channel`) is signed with it,
+    /// recent, and not a clear already applied. Counts what it drops.
+    fn authentic(
+        &mut self,
+        counters: &Counters,
+        key: &Key,
+        channel: &str,
+        payload: &[u8],
+        msg: &message::Message,
+        received: u64,
+    ) -> bool {
+        let (count, what) = match &msg.signature {
+            None => (&counters.unsigned, "unsigned"),
+            Some(s) if !s.verify(key, channel, payload) => (&counters.forged, "forged"),
+            Some(_) if received.abs_diff(msg.sent_micros) > REPLAY_WINDOW.as_micros() as u64 => {
+                (&counters.replayed, "replayed (outside the replay window)")
+            }
+            Some(_) if !matches!(msg.action, Action::Evict(_)) && !self.first_clear(msg) => {
+                (&counters.replayed, "replayed (a clear already applied)")
+            }
+            Some(_) => return true,
+        };
+        let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+        // The first of each kind, then every 1024th: a flood must not flood the log too.
+        if n == 1 || n % 1024 == 0 {
+            tracing::warn!(
+                target: "invalidation",
+                %channel, dropped = n, "dropping {what} invalidation messages"
+            );
+        }
+        false
+    }
+
+    /// Whether this clear's (origin, seq) is new (remembering it if so).
+    fn first_clear(&mut self, msg: &message::Message) -> bool {
+        let id = (msg.origin, msg.seq);
+        if !self.clears.insert(id) {
+            return false;
+        }
+        self.clears_order.push_back(id);
+        if self.clears_order.len() > RECENT_CLEARS
+            && let Some(old) = self.clears_order.pop_front()
+        {
+            self.clears.remove(&old);
+        }
+        true
+    }
+}
+
+pub(crate) async fn deliver(inner: &Inner, plan: Plan) {
+    let consumers: HashMap<String, Vec<Consumer>> = inner
+        .consumers
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let counters = &inner.counters;
+    let mut gaps = plan.gaps;
+    if let Some(reason) = plan.gap_all {
+        for channel in consumers.keys() {
+            gaps.insert(channel.clone(), reason);
+        }
+    }
+    for (channel, list) in &consumers {
+        if let Some(reason) = gaps.get(channel) {
+            counters.gaps.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "invalidation", %channel, %reason, "invalidations may have been missed: dropping L1");
+            for c in list {
+                c(Event::Gap(*reason)).await;
+            }
+        }
+        for event in plan.clears.get(channel).into_iter().flatten() {
+            for c in list {
+                c(event.clone()).await;
+            }
+        }
+        if let Some(evictions) = plan.evictions.get(channel) {
+            let evictions: Vec<Eviction> = evictions.values().cloned().collect();
+            for c in list {
+                c(Event::Evict(evictions.clone())).await;
+            }
+        }
+    }
+}
