@@ -28,9 +28,15 @@ use crate::stats::{BusStats, Counters};
 /// [`GapReason::Overflow`]: crate::GapReason::Overflow
 pub const QUEUE_CAPACITY: usize = 65_536;
 
+/// How many bytes of messages the queue holds at most: 32 MiB. Messages beyond it are dropped
+/// like those that find the queue full (a gap), so a flood of large messages costs a gap, not
+/// memory.
+pub const QUEUE_BYTES: usize = 32 << 20;
+
 /// Payloads longer than this are not invalidation messages (counted as malformed, dropped
-/// before they are queued): 1 MiB.
-pub const MAX_MESSAGE_LEN: usize = 1 << 20;
+/// before they are queued): 64 KiB, room for a cache key of the longest allowed length
+/// (60,000 bytes) with its header, vouches, tag and version.
+pub const MAX_MESSAGE_LEN: usize = 64 << 10;
 
 pub(crate) enum Raw {
     Message { channel: String, payload: Vec<u8> },
@@ -158,7 +164,15 @@ impl Bus {
                     l2::Event::Disconnected => Raw::Disconnected,
                     _ => return,
                 };
-                if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(raw) {
+                let bytes = match &raw {
+                    Raw::Message { payload, .. } => payload.len(),
+                    _ => 0,
+                };
+                let queued = counters.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+                let full = queued > QUEUE_BYTES
+                    || matches!(tx.try_send(raw), Err(mpsc::error::TrySendError::Full(_)));
+                if full {
+                    counters.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
                     // Before returning: a probe that arrives after this message is queued
                     // after the flag is set, so its proof never outruns the gap (see `run`).
                     counters.overflows.fetch_add(1, Ordering::Relaxed);
@@ -255,13 +269,26 @@ async fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<Raw>, mut closed: watch::
             },
             _ = closed.changed() => return,
         };
+        // A batch is at most 1,024 items or 4 MiB of messages, whichever comes first.
+        let size = |raw: &Raw| match raw {
+            Raw::Message { payload, .. } => payload.len(),
+            _ => 0,
+        };
+        let mut bytes = size(&first);
         let mut batch = vec![first];
-        while batch.len() < 1024 {
+        while batch.len() < 1024 && bytes < 4 << 20 {
             match rx.try_recv() {
-                Ok(raw) => batch.push(raw),
+                Ok(raw) => {
+                    bytes += size(&raw);
+                    batch.push(raw);
+                }
                 Err(_) => break,
             }
         }
+        inner
+            .counters
+            .queued_bytes
+            .fetch_sub(bytes, Ordering::AcqRel);
         // After collecting the batch: an item dropped before any item of it (say, a message
         // ahead of a probe's return) set the flag before that item was queued, so the gap is
         // part of this plan and is delivered before the probe's proof renews the lease.

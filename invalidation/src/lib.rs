@@ -86,17 +86,17 @@
 //!
 //! With [`BusConfig::secret`], every message and probe is signed (HMAC-SHA256 under the
 //! secret, bound to the channel), and receivers drop and count messages that are unsigned
-//! ([`BusStats::unsigned`]), carry a wrong tag ([`BusStats::forged`]), were sent more than
-//! [`REPLAY_WINDOW`] ago by the sender's clock, in either direction, or repeat the (origin,
-//! sequence) of a clear already applied ([`BusStats::replayed`]). Probes carry 128 random
+//! ([`BusStats::unsigned`]), carry a wrong tag ([`BusStats::forged`]), or repeat the (origin,
+//! sequence) of a clear already applied ([`BusStats::replayed`]). Nothing is dropped for its
+//! age: the send time is the writer's wall clock, and a writer whose clock is off would
+//! otherwise be ignored by every peer. Probes carry 128 random
 //! bits and their tag, and count only when they come back byte for byte.
 //!
 //! **The version is not signed**, and need not be. An eviction's version is assigned inside
 //! Redis by the script that writes the value and publishes the message, after the client built
 //! and signed the rest, so the tag covers everything the client built (header, vouches, keys)
 //! and the versions follow it. Someone who can publish but lacks the secret can therefore
-//! replay a genuine signed eviction (seen on the channel, within the replay window) with any
-//! version they like. That can only
+//! replay a genuine signed eviction (seen on the channel) with any version they like. That can only
 //!
 //! - evict that key once more on every node (a miss, then a reload from L2), or
 //! - with a high version, make a node refuse a fill of that key that was in flight (another
@@ -122,8 +122,8 @@ mod sequence;
 pub mod sign;
 mod stats;
 
-pub use bus::{Bus, MAX_MESSAGE_LEN, QUEUE_CAPACITY};
-pub use config::{BusConfig, DEFAULT_HEARTBEAT, DEFAULT_HEARTBEAT_TIMEOUT, REPLAY_WINDOW};
+pub use bus::{Bus, MAX_MESSAGE_LEN, QUEUE_BYTES, QUEUE_CAPACITY};
+pub use config::{BusConfig, DEFAULT_HEARTBEAT, DEFAULT_HEARTBEAT_TIMEOUT};
 pub use event::{Consumer, Event, Eviction, GapReason};
 pub use lease::Lease;
 pub use publisher::Publisher;

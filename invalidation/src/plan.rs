@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::bus::{Beat, Inner, Raw};
-use crate::config::REPLAY_WINDOW;
 use crate::event::{Consumer, Event, Eviction, GapReason};
 use crate::message::{self, Action};
 use crate::sequence::Sequences;
@@ -22,7 +21,8 @@ const RECENT_CLEARS: usize = 4096;
 pub(crate) struct State {
     sequences: Sequences,
     /// With a secret: the (origin, seq) of recent clears, to refuse their replays; bounded
-    /// (the oldest are forgotten, and the replay window refuses them after 5 minutes).
+    /// (the oldest are forgotten: a clear replayed later only clears once more). No message is
+    /// ever dropped for its age: a sender whose clock is off would lose every invalidation.
     clears: HashSet<(u64, u64)>,
     clears_order: VecDeque<(u64, u64)>,
     subscribed: HashSet<String>,
@@ -96,7 +96,7 @@ impl State {
             }
         };
         if let Some(key) = &inner.config.secret
-            && !self.authentic(counters, key, &channel, payload, &msg, received)
+            && !self.authentic(counters, key, &channel, payload, &msg)
         {
             return;
         }
@@ -235,14 +235,10 @@ impl State {
         channel: &str,
         payload: &[u8],
         msg: &message::Message,
-        received: u64,
     ) -> bool {
         let (count, what) = match &msg.signature {
             None => (&counters.unsigned, "unsigned"),
             Some(s) if !s.verify(key, channel, payload) => (&counters.forged, "forged"),
-            Some(_) if received.abs_diff(msg.sent_micros) > REPLAY_WINDOW.as_micros() as u64 => {
-                (&counters.replayed, "replayed (outside the replay window)")
-            }
             Some(_) if !matches!(msg.action, Action::Evict(_)) && !self.first_clear(msg) => {
                 (&counters.replayed, "replayed (a clear already applied)")
             }

@@ -23,9 +23,16 @@ pub struct Publisher {
 struct Numbers {
     /// The last number handed out.
     last: u64,
-    /// Acknowledged numbers not yet carried by a message built since, oldest first.
+    /// Acknowledged numbers not yet vouched for by an acknowledged message, oldest first:
+    /// every message built carries them, until one that does is itself acknowledged (a
+    /// vouch carried by a message whose write failed would otherwise be lost with it).
     acknowledged: VecDeque<u64>,
+    /// The vouches each recent message carried, by its number (bounded).
+    carried: VecDeque<(u64, Vec<u64>)>,
 }
+
+/// How many built messages' vouches are remembered until they are acknowledged.
+const CARRIED: usize = 64;
 
 impl Publisher {
     /// A publisher for `channel`, with a new random origin id, signing with `key` if given.
@@ -53,8 +60,15 @@ impl Publisher {
         let mut numbers = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
         // Wrapping: 2^64 messages never happen, and a wrap must not panic.
         numbers.last = numbers.last.wrapping_add(1);
-        let vouches = numbers.acknowledged.drain(..).collect();
-        (numbers.last, vouches)
+        let vouches: Vec<u64> = numbers.acknowledged.iter().copied().collect();
+        let seq = numbers.last;
+        if !vouches.is_empty() {
+            numbers.carried.push_back((seq, vouches.clone()));
+            if numbers.carried.len() > CARRIED {
+                numbers.carried.pop_front();
+            }
+        }
+        (seq, vouches)
     }
 
     fn signing(&self) -> Option<Signing<'_>> {
@@ -89,8 +103,9 @@ impl Publisher {
     /// `PUBLISH`, returned Ok. The next message built vouches for it, so a receiver that
     /// never gets it raises [`GapReason::SequenceGap`]; a message never acknowledged (its
     /// write failed or was cancelled) is never missed by anyone. Bytes this publisher did not
-    /// build are ignored. At most 8 acknowledged numbers wait for the next message; older
-    /// ones are dropped (less detection, never a false gap).
+    /// build are ignored. Each acknowledged number is carried by every message built after it
+    /// until one of those is acknowledged too (so a vouch is not lost with a write that
+    /// failed); at most 8 wait, older ones are dropped (less detection, never a false gap).
     ///
     /// [`GapReason::SequenceGap`]: crate::GapReason::SequenceGap
     pub fn acknowledged(&self, message: &[u8]) {
@@ -101,6 +116,12 @@ impl Publisher {
             return;
         }
         let mut numbers = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
+        // What this message vouched for is now vouched for by a published message.
+        if let Some(at) = numbers.carried.iter().position(|(s, _)| *s == seq)
+            && let Some((_, vouched)) = numbers.carried.remove(at)
+        {
+            numbers.acknowledged.retain(|n| !vouched.contains(n));
+        }
         if numbers.acknowledged.contains(&seq) {
             return;
         }
@@ -147,19 +168,28 @@ mod tests {
     }
 
     #[test]
-    fn only_acknowledged_numbers_are_vouched_for_once_and_at_most_eight() {
+    fn only_acknowledged_numbers_are_vouched_for_until_a_published_message_did_and_at_most_eight() {
         let p = publisher();
         let m1 = p.evict("a");
         let _burnt = p.evict("b");
         p.acknowledged(&m1);
         let m3 = decoded(p.evict("c"));
         assert_eq!((m3.seq, m3.vouches), (3, vec![1]));
-        // Already carried by 3: not again.
-        assert!(decoded(p.clear_namespace()).vouches.is_empty());
+        // 3's write failed (never acknowledged): the next message carries 1 again.
+        let m4 = p.clear_namespace();
+        assert_eq!(decoded(m4.clone()).vouches, vec![1]);
+        // 4 is published: 1 has been vouched for by a published message; 4 waits its turn.
+        p.acknowledged(&m4);
+        let m5 = p.clear_all();
+        assert_eq!(decoded(m5.clone()).vouches, vec![4]);
         // Bytes of another publisher, or not a message: ignored.
         p.acknowledged(&publisher_with_origin(6).evict("x"));
         p.acknowledged(b"junk");
-        assert!(decoded(p.clear_all()).vouches.is_empty());
+        p.acknowledged(&m5);
+        assert_eq!(decoded(p.evict("y")).vouches, vec![5]);
+        // Twelve built and acknowledged without any carrying the others' vouches being
+        // acknowledged first: the newest eight wait.
+        let p = publisher();
         let built: Vec<Vec<u8>> = (0..12).map(|_| p.evict("k")).collect();
         for m in &built {
             p.acknowledged(m);
@@ -168,7 +198,7 @@ mod tests {
         let next = decoded(p.evict("z"));
         assert_eq!(
             next.vouches,
-            (10..=17).collect::<Vec<u64>>(),
+            (5..=12).collect::<Vec<u64>>(),
             "the newest eight"
         );
     }

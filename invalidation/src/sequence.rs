@@ -106,6 +106,14 @@ impl Origin {
     }
 
     fn receive(&mut self, seq: u64) {
+        // A number a whole window away from the others, either way, is a writer that
+        // restarted its numbering or lost a great many writes, or a forgery: judge from it
+        // afresh (nothing before it is owed). Left in place, a forged number near u64::MAX
+        // would put every genuine one out of the window for good.
+        if seq.abs_diff(self.high) >= WINDOW {
+            *self = Origin::new(seq, self.last_seen, self.tick);
+            return;
+        }
         self.owed.remove(&seq);
         if seq > self.high {
             let ahead = seq - self.high;
@@ -353,17 +361,34 @@ mod tests {
         assert_eq!(s.origins(), 2);
     }
 
+    /// A forged number near u64::MAX under a real writer's origin must not put the writer's
+    /// genuine numbers out of the window for good: once the writer is heard again, losses of
+    /// its acknowledged messages are gaps again.
+    #[tokio::test(start_paused = true)]
+    async fn a_forged_jump_does_not_switch_off_gap_detection() {
+        let mut s = Sequences::default();
+        s.see("c", 7, 1, &[], now());
+        s.see("c", 7, u64::MAX - 5, &[], now());
+        s.see("c", 7, 2, &[1], now());
+        s.see("c", 7, 3, &[2], now());
+        // 4 was acknowledged and lost; 5 vouches for it.
+        s.see("c", 7, 5, &[3, 4], now());
+        after(T * 2).await;
+        assert_eq!(s.overdue(now(), T), vec!["c".to_string()]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_window_forgets_old_numbers_without_calling_them_missing() {
         let mut s = Sequences::default();
         s.see("c", 7, 1, &[], now());
         s.see("c", 7, 2, &[], now());
-        s.see("c", 7, 5000, &[2], now());
-        // 2 fell out of the window: too old to tell, so not owed.
+        s.see("c", 7, 5000, &[2, 4999], now());
+        // A jump of a whole window: judged afresh from 5000, so nothing before it is owed
+        // (2 fell out of the window; 4999 was before the new start).
         assert_eq!(s.owed(), 0);
-        s.see("c", 7, 5001, &[4999], now());
+        s.see("c", 7, 5002, &[5001], now());
         assert_eq!(s.owed(), 1);
-        s.see("c", 7, 4999, &[], now());
+        s.see("c", 7, 5001, &[], now());
         assert_eq!(s.owed(), 0);
     }
 

@@ -21,6 +21,8 @@ pub(crate) struct Counters {
     /// Set by the subscriber's callback when it drops an item on a full queue, before it
     /// returns; the bus's task takes it after collecting each batch (see `run`).
     pub(crate) overflowed: AtomicBool,
+    /// Bytes of the message payloads in the queue ([`crate::QUEUE_BYTES`] at most).
+    pub(crate) queued_bytes: std::sync::atomic::AtomicUsize,
     pub(crate) origins: AtomicU64,
     pub(crate) gaps: AtomicU64,
     pub(crate) heartbeats_missed: AtomicU64,
@@ -116,10 +118,9 @@ pub struct BusStats {
     /// With a secret: messages dropped because their tag was wrong (another secret, another
     /// channel, or altered bytes).
     pub forged: u64,
-    /// With a secret: signed messages dropped as replays (sent longer ago than
-    /// [`REPLAY_WINDOW`], or a clear already applied).
-    ///
-    /// [`REPLAY_WINDOW`]: crate::REPLAY_WINDOW
+    /// With a secret: signed clears dropped as replays (the (origin, sequence) of a clear
+    /// already applied). Evictions are never dropped as replays: applying one again is
+    /// harmless, and dropping a genuine one would not be.
     pub replayed: u64,
     /// Items dropped because the bus's queue was full (each batch of them is one
     /// [`GapReason::Overflow`]).

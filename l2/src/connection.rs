@@ -127,7 +127,10 @@ impl Settings {
         tls: bool,
         connecting: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        let bound = self.connect_timeout * 3 + Duration::from_millis(500);
+        let bound = self
+            .connect_timeout
+            .saturating_mul(3)
+            .saturating_add(Duration::from_millis(500));
         tokio::time::timeout(bound, connecting)
             .await
             .map_err(|_| Error::Timeout { op, after: bound })?
@@ -177,16 +180,20 @@ impl fmt::Debug for ConnectionBuilder {
     }
 }
 
+/// The longest command or connection timeout kept: a day.
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
 impl ConnectionBuilder {
-    /// The timeout of each command, from sending it to its reply. Default: 250 ms.
+    /// The timeout of each command, from sending it to its reply. Default: 250 ms. Kept
+    /// between 1 ms and a day (deadlines are computed from it).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = timeout.clamp(Duration::from_millis(1), MAX_TIMEOUT);
         self
     }
 
-    /// The timeout of each connection attempt. Default: 1 s.
+    /// The timeout of each connection attempt. Default: 1 s. Kept between 1 ms and a day.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.connect_timeout = timeout.clamp(Duration::from_millis(1), MAX_TIMEOUT);
         self
     }
 

@@ -89,7 +89,10 @@
 //!   clock does not step back while a key is absent. A step back of more than 1 s is seen by
 //!   the heartbeat (`INFO server`'s `server_time_usec`) and is a gap (every node drops L1); a
 //!   failover to a replica whose clock is behind is a gap already (the cluster's epoch
-//!   changes). A least-privilege user without `INFO` sees neither of those two.
+//!   changes). A least-privilege user without `INFO` sees neither of those two, and on a
+//!   cluster only the node the bus listens on is watched (the masters' clocks are assumed to
+//!   be kept by NTP without steps). A version found in Redis beyond 2^52 is foreign bytes:
+//!   refused as undecodable, and never a base for the next version.
 //! - **Every change is announced by the script that makes it** (no change without its
 //!   message) on the namespace's pub/sub channel. Every node, the writer included, evicts its
 //!   copy when the message arrives unless it holds that version or a newer one; a fill (load,
@@ -120,7 +123,9 @@
 //!   publish with ACL channel rules (`&namespace:*`, [`l2::KeySpace::acl_rules`]), or give
 //!   every node a shared secret ([`invalidation::BusConfig::secret`]): messages and probes are
 //!   then signed with HMAC-SHA256, and unsigned, forged or replayed ones are dropped and
-//!   counted ([`invalidation::BusStats`]).
+//!   counted ([`invalidation::BusStats`]). On a cluster, whoever may also *subscribe* to the
+//!   probe channels could echo a probe faster than the cluster bus carries it; the ACL rules
+//!   keep the namespace's channels to the cache's user.
 //! - **Changes behind the cache's back** (a raw `SET` in Redis, a `FLUSHALL`) are not
 //!   announced: a node may keep its copy until its L1 time to live ends. The next change made
 //!   through the cache reaches every node within Δ as usual.

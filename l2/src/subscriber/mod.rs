@@ -259,7 +259,7 @@ impl Inner {
 
     /// Subscribes `manager` to `channel`, bounded by four command timeouts.
     async fn subscribe(&self, manager: &mut ConnectionManager, channel: &str) -> Result<()> {
-        let after = self.timeout * 4;
+        let after = self.timeout.saturating_mul(4);
         match tokio::time::timeout(after, manager.subscribe(channel)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::redis("subscribe", e)),
