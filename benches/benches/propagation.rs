@@ -21,7 +21,7 @@ const N: usize = 500;
 const GAP: Duration = Duration::from_millis(2);
 
 fn now_us() -> u64 {
-    invalidation::message::now_micros()
+    invalidation::now_micros()
 }
 
 async fn node(url: &str) -> TieredCache<String> {

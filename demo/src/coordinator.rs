@@ -111,7 +111,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<bool, Failure> {
 }
 
 fn now_us() -> u64 {
-    invalidation::message::now_micros()
+    invalidation::now_micros()
 }
 
 /// Every row starts out holding its seed value at version 0 (see `db`): one write per key

@@ -288,7 +288,7 @@ fn write_results(ctx: &Ctx, s: &Settings, outs: Vec<WorkerOut>) -> Result<(), St
 }
 
 fn now_us() -> u64 {
-    invalidation::message::now_micros()
+    invalidation::now_micros()
 }
 
 async fn worker(ctx: Arc<Ctx>, w: u32, end: Instant) -> WorkerOut {

@@ -115,12 +115,20 @@ mod bus;
 mod config;
 mod event;
 mod lease;
+#[cfg(any(test, feature = "test-util"))]
 pub mod message;
+#[cfg(not(any(test, feature = "test-util")))]
+mod message;
 mod plan;
 mod publisher;
 mod sequence;
+#[cfg(any(test, feature = "test-util"))]
 pub mod sign;
+#[cfg(not(any(test, feature = "test-util")))]
+mod sign;
 mod stats;
+
+pub use message::now_micros;
 
 pub use bus::{Bus, MAX_MESSAGE_LEN, QUEUE_BYTES, QUEUE_CAPACITY};
 pub use config::{BusConfig, DEFAULT_HEARTBEAT, DEFAULT_HEARTBEAT_TIMEOUT};

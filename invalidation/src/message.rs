@@ -29,6 +29,9 @@
 //!
 //! Decoding is strict: any length that does not add up is an error, never a panic.
 
+// Without `test-util` the wire format is this crate's alone.
+#![cfg_attr(not(any(test, feature = "test-util")), allow(unreachable_pub))]
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::sign::{Key, TAG_LEN};

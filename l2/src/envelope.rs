@@ -19,6 +19,9 @@
 //! old an entry is from the key's remaining life in Redis (PTTL), so freshness does not depend
 //! on the clocks of writer and reader agreeing.
 
+// Without `test-util` the layout constants are this crate's alone.
+#![cfg_attr(not(any(test, feature = "test-util")), allow(unreachable_pub))]
+
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;

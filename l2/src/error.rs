@@ -9,6 +9,26 @@ use crate::envelope::TypeTag;
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The subscriber connection changed while an operation on it was in progress (a probe
+    /// round that straddled a move to another cluster node, or the subscriber closed): the
+    /// operation proves nothing and may be retried.
+    #[error("the subscriber connection changed during `{op}`")]
+    SubscriberChanged {
+        /// The operation that was cut short.
+        op: &'static str,
+    },
+    /// No node could be reached to subscribe on (every candidate failed).
+    #[error("no Redis node to subscribe on")]
+    NoNode,
+    /// The server answered something this library does not understand (an `INFO server`
+    /// without `run_id`, …): a proxy in between, or a server that is not Redis.
+    #[error("unexpected answer from redis to `{op}`: {detail}")]
+    UnexpectedReply {
+        /// The command.
+        op: &'static str,
+        /// What was wrong with it.
+        detail: String,
+    },
     /// Redis did not answer within the configured timeout (stopped, overloaded, or cut off).
     #[error("redis `{op}` timed out after {after:?}")]
     Timeout {
@@ -106,6 +126,8 @@ impl Error {
                         )
                     })
             }
+            // Nothing reached: as unavailable as a refused connection.
+            Error::NoNode => true,
             _ => false,
         }
     }

@@ -7,15 +7,18 @@
 //!   and a timeout on every command (250 ms by default), so a hung Redis is a typed
 //!   [`Error::Timeout`], never a hang. Optionally writes wait for replicas
 //!   ([`ConnectionBuilder::replica_acks`]).
-//! - [`RedisStore`]: typed get / set / delete, batch reads and writes in one round trip,
-//!   namespace clears by `SCAN` (never `KEYS`), and counters ([`StoreStats`]).
+//! - [`RedisStore`]: typed reads (one key or a batch in one round trip), the versioned,
+//!   announced writes ([`RedisStore::overwrite`], [`RedisStore::remove`]: each one Lua script
+//!   that changes the entry and publishes its announcement), namespace clears by `SCAN`
+//!   (never `KEYS`), and counters ([`StoreStats`]). Raw writes (no version, no announcement)
+//!   exist only with the `test-util` feature, for tests that act behind a cache's back.
 //! - The envelope ([`Codec`], [`EntryMeta`], [`TypeTag`]): a binary header (magic, format
 //!   version, type tag, write version, deadlines relative to the write) before a MessagePack
 //!   payload. Bad bytes are distinct [`DecodeError`]s; reading them through the store deletes
 //!   them (compare-and-delete) and counts them.
 //! - [`KeySpace`] / [`Key`]: injective key encoding with a cluster hash tag.
 //! - The lock ([`RedisStore::try_lock`], [`RedisStore::unlock`], [`RedisStore::extend_lock`],
-//!   [`RedisStore::set_if_locked`]).
+//!   [`RedisStore::complete_lock`]: a load's write, only while its lock holds).
 //!
 //! What it is not for: the in-process tier, single-flight, or deciding when to lock or serve
 //! stale data (that is `tiered`). It knows nothing of moka.
@@ -65,9 +68,11 @@ mod store;
 mod subscriber;
 
 pub use connection::{Connection, ConnectionBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
+pub use envelope::{Codec, DEFAULT_MAX_SIZE, EntryMeta, MAX_WRITE_VERSION, TypeTag};
+/// The envelope's layout, for tests that build or break entries byte by byte.
+#[cfg(any(test, feature = "test-util"))]
 pub use envelope::{
-    Codec, DEFAULT_MAX_SIZE, EntryMeta, FLAG_ABSENT, FLAG_TOMBSTONE, FORMAT_VERSION, HEADER_LEN,
-    Header, MAGIC, MAX_WRITE_VERSION, TypeTag, decode_header,
+    FLAG_ABSENT, FLAG_TOMBSTONE, FORMAT_VERSION, HEADER_LEN, Header, MAGIC, decode_header,
 };
 pub use error::{DecodeError, Error, Result};
 pub use keys::{Key, KeySpace, MAX_KEY_LEN};
@@ -108,8 +113,8 @@ mod tests {
         is_send(&store.set_if_locked(&lock, &codec, &value, &meta));
         is_send(&store.lookup(&key, &codec));
         is_send(&store.lookup_many(&[], &codec));
-        is_send(&store.overwrite(&key, &[], ttl, None));
-        is_send(&store.remove(&key, ttl, None));
+        is_send(&store.overwrite_unannounced(&key, &[], ttl));
+        is_send(&store.remove_unannounced(&key, ttl));
         is_send(&store.publish("", &[]));
         is_send(&store.complete_lock(&lock, &[], ttl));
         is_send(&store.try_lock_many(&[], ttl));

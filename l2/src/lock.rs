@@ -3,7 +3,7 @@
 //!
 //! It cannot promise mutual exclusion (a holder can pause past the TTL, Redis can restart), so
 //! correctness never depends on it: the holder writes its result with
-//! [`RedisStore::set_if_locked`], which refuses once the lock changed hands, the way a fencing
+//! [`RedisStore::complete_lock`], which refuses once the lock changed hands, the way a fencing
 //! token would.
 
 use std::collections::HashMap;
@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::envelope::{Codec, EntryMeta};
+use crate::envelope::Codec;
+#[cfg(any(test, feature = "test-util"))]
+use crate::envelope::EntryMeta;
 use crate::error::Result;
 use crate::keys::{Key, KeySpace};
 use crate::scripts::{COMPLETE, COMPLETE_SRC, READ_OR_LOCK, ScriptCall};
@@ -32,6 +34,7 @@ static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
 });
 
 /// `KEYS[1]` the lock, `KEYS[2]` the data key (same hash tag, so one slot).
+#[cfg(any(test, feature = "test-util"))]
 static SET_IF_LOCKED: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -441,12 +444,13 @@ impl RedisStore {
         Ok(n == 1)
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     /// Writes `value` at the lock's data key only while `lock` is still held by this token, in
     /// one Lua script. Returns whether it was written: `false` means the lock expired or
     /// changed hands, and a newer value must not be overwritten.
     ///
     /// # Errors
-    /// As [`RedisStore::set`].
+    /// As `RedisStore::set`.
     pub async fn set_if_locked<T: Serialize + DeserializeOwned>(
         &self,
         lock: &Lock,

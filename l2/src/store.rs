@@ -411,6 +411,7 @@ impl RedisStore {
         Ok(n == 1)
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     /// Writes `value` at `key` with its envelope; the Redis TTL is `meta.stale_for`. Returns the
     /// encoded size.
     ///
@@ -429,6 +430,7 @@ impl RedisStore {
         Ok(bytes.len())
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     /// Writes already encoded bytes at `key` with a TTL (`SET key bytes PX ttl`).
     ///
     /// # Errors
@@ -440,6 +442,7 @@ impl RedisStore {
         self.note(self.conn.query_pipe::<()>("set", &pipe, false, true).await)
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     /// Writes many values in one round trip (a pipeline of `SET … PX`), all with `meta`.
     /// Nothing is sent if any value fails to encode.
     ///
@@ -475,11 +478,38 @@ impl RedisStore {
     /// Writes encoded `bytes` at `key` for `ttl` as the newest value, in one Lua script: stamps
     /// the next write version into it, breaks any load lock on the key (so a loader that
     /// started earlier cannot overwrite it through [`RedisStore::complete_lock`]), wakes the
-    /// lock's waiters and publishes `announce`, if any. Returns the write version.
+    /// lock's waiters and publishes `announce`, in the same step (no change without its
+    /// announcement). Returns the write version.
     ///
     /// # Errors
     /// [`Error::InvalidTtl`], [`Error::Timeout`] or [`Error::Redis`].
     pub async fn overwrite(
+        &self,
+        key: &Key,
+        bytes: &[u8],
+        ttl: Duration,
+        announce: Announce<'_>,
+    ) -> Result<u64> {
+        self.overwrite_announcing(key, bytes, ttl, Some(announce))
+            .await
+    }
+
+    /// [`RedisStore::overwrite`] without an announcement: a change no other node hears of.
+    /// For tests that act behind the cache's back.
+    ///
+    /// # Errors
+    /// As [`RedisStore::overwrite`].
+    #[cfg(any(test, feature = "test-util"))]
+    pub async fn overwrite_unannounced(
+        &self,
+        key: &Key,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> Result<u64> {
+        self.overwrite_announcing(key, bytes, ttl, None).await
+    }
+
+    async fn overwrite_announcing(
         &self,
         key: &Key,
         bytes: &[u8],
@@ -508,11 +538,29 @@ impl RedisStore {
     /// Deletes the value at `key`, in one Lua script: leaves a tombstone (it reads as a miss)
     /// that keeps the next write version for at least `min_ttl` and as long as the old value
     /// would have lived, breaks any load lock, wakes the lock's waiters and publishes
-    /// `announce`, if any.
+    /// `announce`, in the same step.
     ///
     /// # Errors
     /// [`Error::InvalidTtl`], [`Error::Timeout`] or [`Error::Redis`].
     pub async fn remove(
+        &self,
+        key: &Key,
+        min_ttl: Duration,
+        announce: Announce<'_>,
+    ) -> Result<Removal> {
+        self.remove_announcing(key, min_ttl, Some(announce)).await
+    }
+
+    /// [`RedisStore::remove`] without an announcement. For tests.
+    ///
+    /// # Errors
+    /// As [`RedisStore::remove`].
+    #[cfg(any(test, feature = "test-util"))]
+    pub async fn remove_unannounced(&self, key: &Key, min_ttl: Duration) -> Result<Removal> {
+        self.remove_announcing(key, min_ttl, None).await
+    }
+
+    async fn remove_announcing(
         &self,
         key: &Key,
         min_ttl: Duration,
@@ -552,6 +600,7 @@ impl RedisStore {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     /// Deletes `key`. Returns whether it existed.
     ///
     /// # Errors

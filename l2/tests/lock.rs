@@ -176,7 +176,7 @@ async fn a_newer_write_breaks_the_lock_so_the_older_load_cannot_land() {
         .unwrap();
     let newer = codec.encode(&"newer".to_string(), &meta).unwrap();
     store
-        .overwrite(&key, &newer, Duration::from_secs(60), None)
+        .overwrite_unannounced(&key, &newer, Duration::from_secs(60))
         .await
         .unwrap();
     let older = codec.encode(&"older".to_string(), &meta).unwrap();
@@ -200,7 +200,7 @@ async fn a_newer_write_breaks_the_lock_so_the_older_load_cannot_land() {
         .unwrap()
         .unwrap();
     let removal = store
-        .remove(&key, Duration::from_secs(60), None)
+        .remove_unannounced(&key, Duration::from_secs(60))
         .await
         .unwrap();
     assert!(removal.existed);
@@ -319,7 +319,7 @@ async fn absent_markers_read_as_absent_not_as_corrupt() {
         .encode_absent(&EntryMeta::new(Duration::from_secs(60)))
         .unwrap();
     store
-        .overwrite(&key, &bytes, Duration::from_secs(60), None)
+        .overwrite_unannounced(&key, &bytes, Duration::from_secs(60))
         .await
         .unwrap();
     let found = store.lookup(&key, &codec).await.unwrap().unwrap();
@@ -371,14 +371,14 @@ async fn every_change_gets_a_higher_version_across_deletes_and_vanished_keys() {
         parts.next().unwrap() * 1_000_000 + parts.next().unwrap()
     };
     let before = clock();
-    let v1 = store
-        .overwrite(&key, &bytes, ttl, Some(announce))
+    let v1 = store.overwrite(&key, &bytes, ttl, announce).await.unwrap();
+    assert!(v1 >= before, "{v1} < server time {before}");
+    let v2 = store
+        .overwrite_unannounced(&key, &bytes, ttl)
         .await
         .unwrap();
-    assert!(v1 >= before, "{v1} < server time {before}");
-    let v2 = store.overwrite(&key, &bytes, ttl, None).await.unwrap();
     assert!(v2 > v1);
-    let removal = store.remove(&key, ttl, Some(announce)).await.unwrap();
+    let removal = store.remove(&key, ttl, announce).await.unwrap();
     assert!(removal.existed);
     let v3 = removal.version;
     assert!(v3 > v2);
@@ -387,11 +387,14 @@ async fn every_change_gets_a_higher_version_across_deletes_and_vanished_keys() {
         "a tombstone is a miss"
     );
     assert_eq!(store.stats().decode_errors, 0);
-    let again = store.remove(&key, ttl, None).await.unwrap();
+    let again = store.remove_unannounced(&key, ttl).await.unwrap();
     assert!(!again.existed);
     let v4 = again.version;
     assert!(v4 > v3);
-    let v5 = store.overwrite(&key, &bytes, ttl, None).await.unwrap();
+    let v5 = store
+        .overwrite_unannounced(&key, &bytes, ttl)
+        .await
+        .unwrap();
     assert!(v5 > v4);
     let read = store.get(&key, &codec).await.unwrap().unwrap();
     assert_eq!(
@@ -409,7 +412,10 @@ async fn every_change_gets_a_higher_version_across_deletes_and_vanished_keys() {
     // The key vanishes behind the store's back (an operator, FLUSHALL, eviction): the next
     // version is still above every earlier one.
     server.command(&["FLUSHALL"]);
-    let v7 = store.overwrite(&key, &bytes, ttl, None).await.unwrap();
+    let v7 = store
+        .overwrite_unannounced(&key, &bytes, ttl)
+        .await
+        .unwrap();
     assert!(v7 > v6, "a vanished key's version restarted: {v7} <= {v6}");
     // A version far ahead of the clock (written by an older build) still only goes up.
     let ahead = KeySpace::new("versions").key("ahead");
@@ -420,7 +426,10 @@ async fn every_change_gets_a_higher_version_across_deletes_and_vanished_keys() {
         )
         .unwrap();
     store.set_bytes(&ahead, &bytes_ahead, ttl).await.unwrap();
-    let next = store.overwrite(&ahead, &bytes, ttl, None).await.unwrap();
+    let next = store
+        .overwrite_unannounced(&ahead, &bytes, ttl)
+        .await
+        .unwrap();
     assert_eq!(next, (u64::from(u32::MAX) << 20) + 1);
     // A version beyond any the scripts stamp (bytes written behind the cache's back) is
     // foreign: a decode error for readers, and version 0 for the next write, which gets the
@@ -434,7 +443,10 @@ async fn every_change_gets_a_higher_version_across_deletes_and_vanished_keys() {
     assert!(store.get(&foreign, &codec).await.unwrap_err().is_decode());
     store.set_bytes(&foreign, &forged, ttl).await.unwrap();
     let before = clock();
-    let v = store.overwrite(&foreign, &bytes, ttl, None).await.unwrap();
+    let v = store
+        .overwrite_unannounced(&foreign, &bytes, ttl)
+        .await
+        .unwrap();
     assert!(
         v >= before && v < l2::MAX_WRITE_VERSION,
         "a foreign version never outranks real writes: {v}"
@@ -457,11 +469,11 @@ async fn every_change_gets_a_higher_version_across_deletes_and_vanished_keys() {
     // A tombstone outlives what the deleted value would have, and a long minimum.
     let other = KeySpace::new("versions").key("short");
     store
-        .overwrite(&other, &bytes, Duration::from_secs(100), None)
+        .overwrite_unannounced(&other, &bytes, Duration::from_secs(100))
         .await
         .unwrap();
     store
-        .remove(&other, Duration::from_millis(5), None)
+        .remove_unannounced(&other, Duration::from_millis(5))
         .await
         .unwrap();
     let pttl: i64 = server.command(&["PTTL", other.as_str()]).parse().unwrap();
@@ -532,7 +544,7 @@ async fn read_or_lock_takes_the_lock_only_when_the_entry_is_not_fresh() {
 
     // A tombstone is a miss: locked.
     store
-        .remove(&space.key("gone"), Duration::from_secs(60), None)
+        .remove_unannounced(&space.key("gone"), Duration::from_secs(60))
         .await
         .unwrap();
     let (found, attempt) = store

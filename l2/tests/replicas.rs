@@ -25,7 +25,7 @@ async fn writes_wait_for_a_replica_and_fail_typed_without_one() {
 
     // No replica: the script ran (the value is on the master), the write is not confirmed.
     let err = store
-        .overwrite(&key, &bytes, Duration::from_secs(60), None)
+        .overwrite_unannounced(&key, &bytes, Duration::from_secs(60))
         .await
         .expect_err("no replica to confirm it");
     assert!(
@@ -67,7 +67,7 @@ async fn writes_wait_for_a_replica_and_fail_typed_without_one() {
     );
     let bytes = codec.encode(&"v2".to_string(), &meta).unwrap();
     store
-        .overwrite(&key, &bytes, Duration::from_secs(60), None)
+        .overwrite_unannounced(&key, &bytes, Duration::from_secs(60))
         .await
         .unwrap();
     store
@@ -92,7 +92,7 @@ async fn writes_wait_for_a_replica_and_fail_typed_without_one() {
             .is_some()
     );
     store
-        .remove(&space.key("plain"), Duration::from_secs(1), None)
+        .remove_unannounced(&space.key("plain"), Duration::from_secs(1))
         .await
         .unwrap();
     // Confirmed means on the replica now, not eventually.

@@ -162,7 +162,7 @@ where
     gauge!("tiered_invalidation_lag_p99_seconds", "namespace" => ns.clone())
         .set(bus.lag_p99_micros as f64 / 1e6);
     if bus.last_message_micros > 0 {
-        let age = invalidation::message::now_micros().saturating_sub(bus.last_message_micros);
+        let age = invalidation::now_micros().saturating_sub(bus.last_message_micros);
         gauge!("tiered_invalidation_last_message_age_seconds", "namespace" => ns)
             .set(age as f64 / 1e6);
     }

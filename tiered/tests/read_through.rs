@@ -516,7 +516,7 @@ async fn l1_time_to_live_bounds_how_long_a_node_trusts_its_copy() {
         let (store, key) = (l2::RedisStore::new(b.connection().clone()), key.clone());
         async move {
             store
-                .overwrite(&key, &bytes, Duration::from_secs(60), None)
+                .overwrite_unannounced(&key, &bytes, Duration::from_secs(60))
                 .await
                 .unwrap()
         }

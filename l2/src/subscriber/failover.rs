@@ -112,7 +112,7 @@ impl Inner {
         let lost = self.node.read().unwrap_or_else(|p| p.into_inner()).clone();
         candidates.sort_by_key(|c| node_name(c) == lost);
         let channels = self.handlers.channels();
-        let mut last = Error::Config("no cluster node to subscribe on".into());
+        let mut last = Error::NoNode;
         for info in candidates {
             let name = node_name(&info);
             match self.connect_to(info, &channels).await {

@@ -101,7 +101,10 @@ impl Subscriber {
             .lines()
             .find_map(|l| l.strip_prefix("run_id:"))
             .map(|id| id.trim().to_string())
-            .ok_or_else(|| Error::Config("INFO server has no run_id".into()))?;
+            .ok_or_else(|| Error::UnexpectedReply {
+                op: "INFO server",
+                detail: "no run_id".into(),
+            })?;
         // Write versions are taken from the server's clock (see the write scripts): a clock
         // that steps back could give a vanished key a version below one a node still holds.
         // Each step back is a change of identity, so every node drops its L1.

@@ -212,7 +212,7 @@ impl Subscriber {
             for arrival in arrivals {
                 arrival
                     .await
-                    .map_err(|_| Error::Config("the subscriber closed during a probe".into()))?;
+                    .map_err(|_| Error::SubscriberChanged { op: "probe" })?;
             }
             Ok::<(), Error>(())
         };
@@ -224,9 +224,7 @@ impl Subscriber {
                         self.inner.moves.load(Ordering::SeqCst),
                     ) =>
             {
-                Err(Error::Config(
-                    "the subscriber moved to another node during the probe".into(),
-                ))
+                Err(Error::SubscriberChanged { op: "probe" })
             }
             Ok(Ok(())) => Ok(start.elapsed()),
             Ok(Err(e)) => Err(e),

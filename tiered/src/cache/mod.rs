@@ -561,7 +561,7 @@ where
             },
         };
         let bus = inner.bus.stats();
-        let now = invalidation::message::now_micros();
+        let now = invalidation::now_micros();
         let since = |micros: u64| (micros > 0).then(|| now.saturating_sub(micros) / 1000);
         let stats = self.stats();
         let hits = stats.l1_hits + stats.l2_hits + stats.stale_served;

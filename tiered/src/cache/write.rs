@@ -39,12 +39,7 @@ where
             let message = self.publisher.evict(&key);
             let written = self
                 .store
-                .overwrite(
-                    &self.space.key(&key),
-                    &bytes,
-                    life,
-                    Some(self.announce(&message)),
-                )
+                .overwrite(&self.space.key(&key), &bytes, life, self.announce(&message))
                 .await;
             self.note_l2(written.as_ref().err());
             match written {
@@ -97,7 +92,7 @@ where
             .remove(
                 &self.space.key(&key),
                 self.defaults.l2_time_to_live(),
-                Some(self.announce(&message)),
+                self.announce(&message),
             )
             .await;
         self.note_l2(removed.as_ref().err());

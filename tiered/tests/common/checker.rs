@@ -27,7 +27,7 @@ pub fn bus() -> BusConfig {
 }
 
 pub fn now_us() -> u64 {
-    invalidation::message::now_micros()
+    invalidation::now_micros()
 }
 
 /// How a checker run is set up.
