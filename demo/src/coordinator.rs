@@ -2,11 +2,12 @@
 //! their progress, collects their reports and histories, runs the coherence checker and prints
 //! the summary.
 
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -427,7 +428,7 @@ impl Fleet {
                 if n == 0 {
                     break;
                 }
-                let mut all = sink.lock().unwrap_or_else(|p| p.into_inner());
+                let mut all = sink.lock();
                 all.extend_from_slice(&buf[..n]);
                 // Keep the tail only.
                 if all.len() > 64 * 1024 {
@@ -465,7 +466,7 @@ impl Fleet {
             let _ = reader.join();
         }
         let text = {
-            let all = n.stderr.lock().unwrap_or_else(|p| p.into_inner());
+            let all = n.stderr.lock();
             String::from_utf8_lossy(&all).into_owned()
         };
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();

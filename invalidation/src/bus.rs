@@ -5,10 +5,11 @@
 //! consumers, is in `plan.rs`; the settings in `config.rs`, what consumers are told in
 //! `event.rs`, the writers' side in `publisher.rs`, the counters in `stats.rs`.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use l2::{Connection, Subscriber};
@@ -142,7 +143,6 @@ impl Bus {
         self.inner
             .consumers
             .write()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(channel.to_string())
             .or_default()
             .push(consumer);

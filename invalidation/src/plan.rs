@@ -121,7 +121,7 @@ impl State {
                 .or_default()
                 .push(Event::ClearNamespace { origin: msg.origin }),
             Action::ClearAll => {
-                let consumers = inner.consumers.read().unwrap_or_else(|p| p.into_inner());
+                let consumers = inner.consumers.read();
                 for ch in consumers.keys() {
                     plan.clears
                         .entry(ch.clone())
@@ -272,11 +272,7 @@ impl State {
 }
 
 pub(crate) async fn deliver(inner: &Inner, plan: Plan) {
-    let consumers: HashMap<String, Vec<Consumer>> = inner
-        .consumers
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let consumers: HashMap<String, Vec<Consumer>> = inner.consumers.read().clone();
     let counters = &inner.counters;
     let mut gaps = plan.gaps;
     if let Some(reason) = plan.gap_all {

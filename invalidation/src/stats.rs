@@ -2,8 +2,8 @@
 //!
 //! [`Bus::stats`]: crate::Bus::stats
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::message;
@@ -53,7 +53,7 @@ impl Counters {
 
     /// Keeps a propagation lag (µs), with the last [`LAG_SAMPLES`] before it.
     pub(crate) fn sample_lag(&self, lag: u64) {
-        let mut lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lags = self.lags.lock();
         if lags.len() == LAG_SAMPLES {
             lags.pop_front();
         }
@@ -62,13 +62,7 @@ impl Counters {
 
     /// A snapshot of the counters.
     pub(crate) fn snapshot(&self) -> BusStats {
-        let mut lags: Vec<u64> = self
-            .lags
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied()
-            .collect();
+        let mut lags: Vec<u64> = self.lags.lock().iter().copied().collect();
         lags.sort_unstable();
         let at = |q: f64| -> u64 {
             if lags.is_empty() {

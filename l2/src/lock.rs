@@ -6,9 +6,10 @@
 //! [`RedisStore::complete_lock`], which refuses once the lock changed hands, the way a fencing
 //! token would.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -499,8 +500,8 @@ impl fmt::Debug for LockWaiters {
 }
 
 fn lock_map(map: &WaiterMap) -> MutexGuard<'_, HashMap<Arc<str>, watch::Sender<u64>>> {
-    // Short critical sections with no `.await`; a poisoned map is still consistent.
-    map.lock().unwrap_or_else(|p| p.into_inner())
+    // Short critical sections with no `.await`.
+    map.lock()
 }
 
 fn wake(sender: &watch::Sender<u64>) {
@@ -602,7 +603,7 @@ pub(crate) struct Orphan {
 /// [`MAX_ORPHANS`] the oldest are forgotten (their TTL ends them anyway).
 #[derive(Debug, Default)]
 pub(crate) struct Orphans {
-    locks: std::sync::Mutex<Vec<Orphan>>,
+    locks: parking_lot::Mutex<Vec<Orphan>>,
     reaping: std::sync::atomic::AtomicBool,
 }
 
@@ -610,8 +611,8 @@ pub(crate) struct Orphans {
 const MAX_ORPHANS: usize = 10_000;
 
 impl Orphans {
-    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Orphan>> {
-        self.locks.lock().unwrap_or_else(|p| p.into_inner())
+    fn list(&self) -> parking_lot::MutexGuard<'_, Vec<Orphan>> {
+        self.locks.lock()
     }
 
     /// Adds `locks`; returns whether a reaper must be started.

@@ -5,7 +5,7 @@
 //! failures (timeouts, connection errors, not decode errors), and its hot path is one relaxed
 //! atomic load.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -55,9 +55,9 @@ impl Breaker {
         }
     }
 
-    // Short critical sections, no `.await` inside; a poisoned state is still a valid state.
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    // Short critical sections, no `.await` inside.
+    fn state(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Whether a call may use L2 now. While open, the first call after the cool-down becomes

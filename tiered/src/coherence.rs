@@ -18,9 +18,10 @@
 //! Memory: a key has tickets only while a fill or write of it runs; a ticket deregisters itself
 //! when dropped, however its holder ends (finished, cancelled, panicked).
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 
 use invalidation::{Bus, Event, GapReason};
 use l1::{Entry, LocalCache};
@@ -123,9 +124,9 @@ impl Admission {
         Arc::new(Admission::default())
     }
 
-    // Short critical sections, no `.await` inside; a poisoned map is still consistent.
+    // Short critical sections, no `.await` inside.
     fn keys(&self) -> MutexGuard<'_, Tickets> {
-        lock(&self.keys)
+        self.keys.lock()
     }
 
     /// A ticket for a fill of `key` that begins now.
@@ -273,10 +274,6 @@ pub(crate) enum Announced {
     Evicted,
     /// There was no copy.
     Absent,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The right of one fill or write to put its key in L1, under [`Admission`]'s rule.

@@ -7,10 +7,11 @@
 //! to the pre-invalidation load). Whether the old load may still fill L1 is not decided here:
 //! each flight holds a [`Ticket`] of the cache's [`Admission`], the one owner of that rule.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -90,10 +91,9 @@ impl<V> Flights<V> {
         })
     }
 
-    // The map is only touched in short critical sections without `.await`; a poisoned lock
-    // (a panic inside one) leaves the map consistent, so keep using it.
+    // The map is only touched in short critical sections without `.await`.
     fn slots(&self) -> MutexGuard<'_, HashMap<Arc<str>, Slot<V>>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+        self.slots.lock()
     }
 
     /// How many loads are in flight.

@@ -101,15 +101,15 @@ impl Inner {
         let settings = &self.conn.settings;
         let mut candidates: Vec<redis::ConnectionInfo> = match cluster_nodes(&self.conn).await {
             Ok(nodes) if !nodes.is_empty() => {
-                *self.known.write().unwrap_or_else(|p| p.into_inner()) = nodes.clone();
+                *self.known.write() = nodes.clone();
                 nodes
             }
             // Asked a node that is down or hung: the nodes seen last time.
-            _ => self.known.read().unwrap_or_else(|p| p.into_inner()).clone(),
+            _ => self.known.read().clone(),
         };
         candidates.extend(settings.nodes.iter().cloned());
         // The node just lost goes last (it may be the only one left).
-        let lost = self.node.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let lost = self.node.read().clone();
         candidates.sort_by_key(|c| node_name(c) == lost);
         let channels = self.handlers.channels();
         let mut last = Error::NoNode;
@@ -117,8 +117,8 @@ impl Inner {
             let name = node_name(&info);
             match self.connect_to(info, &channels).await {
                 Ok((manager, mine)) => {
-                    *self.current.write().unwrap_or_else(|p| p.into_inner()) = manager;
-                    *self.node.write().unwrap_or_else(|p| p.into_inner()) = name.clone();
+                    *self.current.write() = manager;
+                    *self.node.write() = name.clone();
                     self.active.store(mine, Ordering::SeqCst);
                     self.beat_failures.store(0, Ordering::Relaxed);
                     // Its confirmations came while it was not yet active: report them now.

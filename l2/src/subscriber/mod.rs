@@ -4,10 +4,11 @@
 //! cluster subscriber to another node is in `failover`; the heartbeat's questions (`ping`,
 //! `run_id`: who the server is) in `identity`; probes through pub/sub in `probe`.
 
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Weak};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, ProtocolVersion, PushInfo, PushKind, Value};
@@ -106,11 +107,11 @@ impl Handlers {
     }
 
     fn read(&self) -> RwLockReadGuard<'_, HashMap<String, Vec<Handler>>> {
-        self.by_channel.read().unwrap_or_else(|p| p.into_inner())
+        self.by_channel.read()
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, Vec<Handler>>> {
-        self.by_channel.write().unwrap_or_else(|p| p.into_inner())
+        self.by_channel.write()
     }
 }
 
@@ -183,13 +184,7 @@ struct Inner {
 
 impl fmt::Debug for Subscriber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let channels = self
-            .inner
-            .handlers
-            .by_channel
-            .read()
-            .map(|h| h.len())
-            .unwrap_or(0);
+        let channels = self.inner.handlers.by_channel.read().len();
         f.debug_struct("Subscriber")
             .field("channels", &channels)
             .field("cluster", &self.inner.conn.is_cluster())
@@ -251,10 +246,7 @@ async fn open(
 
 impl Inner {
     fn manager(&self) -> ConnectionManager {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read().clone()
     }
 
     /// Subscribes `manager` to `channel`, bounded by four command timeouts.

@@ -1,8 +1,9 @@
 //! Probes: proof that what a master published before a probe has reached this subscriber.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -46,11 +47,7 @@ fn probe_payload(signer: Option<&ProbeSigner>) -> Vec<u8> {
 
 impl Probes {
     fn arrived(&self, payload: &[u8]) {
-        let waiter = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(payload);
+        let waiter = self.waiting.lock().remove(payload);
         if let Some(waiter) = waiter {
             let _ = waiter.send(());
         }
@@ -65,11 +62,7 @@ struct Pending<'a> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        let mut waiting = self
-            .probes
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut waiting = self.probes.waiting.lock();
         for p in &self.payloads {
             waiting.remove(p);
         }
@@ -102,7 +95,7 @@ impl Subscriber {
     async fn probes_on(&self, channel: &str, signer: Option<ProbeSigner>) -> Result<()> {
         let probes = Arc::clone(&self.inner.probes);
         {
-            let mut channels = probes.channels.lock().unwrap_or_else(|p| p.into_inner());
+            let mut channels = probes.channels.lock();
             if channels.contains_key(channel) {
                 return Ok(());
             }
@@ -118,11 +111,7 @@ impl Subscriber {
         };
         let subscribed = self.listen(channel, handler).await;
         if subscribed.is_err() {
-            probes
-                .channels
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(channel);
+            probes.channels.lock().remove(channel);
         }
         subscribed
     }
@@ -144,13 +133,7 @@ impl Subscriber {
     /// if `channel` was not made ready; as the connection's commands otherwise.
     pub async fn probe(&self, channel: &str, timeout: Duration) -> Result<Duration> {
         let probes = &self.inner.probes;
-        let Some(signer) = probes
-            .channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(channel)
-            .cloned()
-        else {
+        let Some(signer) = probes.channels.lock().get(channel).cloned() else {
             return Err(Error::Config(format!(
                 "probe: call listen_for_probes({channel:?}) first"
             )));
@@ -188,11 +171,7 @@ impl Subscriber {
         for master in masters {
             let payload = probe_payload(signer.as_ref());
             let (tx, rx) = oneshot::channel();
-            probes
-                .waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(payload.clone(), tx);
+            probes.waiting.lock().insert(payload.clone(), tx);
             arrivals.push(rx);
             let mut cmd = redis::cmd("PUBLISH");
             cmd.arg(channel).arg(&payload);
