@@ -18,9 +18,8 @@
 //! Memory: a key has tickets only while a fill or write of it runs; a ticket deregisters itself
 //! when dropped, however its holder ends (finished, cancelled, panicked).
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use invalidation::{Bus, Event, GapReason};
@@ -30,6 +29,7 @@ use serde::de::DeserializeOwned;
 
 use crate::cache::Inner;
 use crate::stats::bump;
+use crate::sync::{AtomicU64, Mutex, MutexGuard, fence};
 
 /// Registers `inner` as the consumer of `channel`. Holds it weakly, so a bus shared with
 /// other caches does not keep this one alive.
@@ -234,7 +234,7 @@ impl Admission {
         // The insert and the floor are read in the opposite order by `on_announcement`
         // (floor raised, then L1 read): a full fence on each side, so one of the two always
         // sees the other.
-        std::sync::atomic::fence(Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         if !ticket.admits(version) {
             l1.invalidate(&**key);
         }
@@ -250,7 +250,7 @@ impl Admission {
         version: u64,
     ) -> Announced {
         self.announced(key, version);
-        std::sync::atomic::fence(Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         match l1.get(key) {
             Some(entry) if entry.write_version() >= version => Announced::Kept,
             Some(_) => {
@@ -379,5 +379,167 @@ mod tests {
         }
         drop(tickets);
         assert_eq!(admission.keys_tracked(), 0, "bounded by what is in flight");
+    }
+}
+
+/// The real admission code under shuttle's randomized scheduler: every lock and atomic step
+/// of `Admission` and `Ticket` is a point where another thread may run. Each test names the
+/// race it covers (as moka's `tests/and_compute_with_race.rs` does). Run with
+/// `cargo test -p tiered --features shuttle --lib permutations`.
+#[cfg(all(test, feature = "shuttle"))]
+mod permutations {
+    use super::*;
+    use shuttle::sync::atomic::AtomicU64 as Counter;
+
+    const SCHEDULES: usize = 2_000;
+
+    fn l1() -> Arc<LocalCache<u32>> {
+        Arc::new(LocalCache::builder().max_bytes(1 << 20).build())
+    }
+
+    fn entry(version: u64) -> Entry<u32> {
+        Entry::new("ns", 0).version(version)
+    }
+
+    fn held(l1: &LocalCache<u32>) -> Option<u64> {
+        l1.get("k").map(|e| e.write_version())
+    }
+
+    /// A fill that read version 1 before version 2 was announced races the announcement: L1
+    /// never ends up holding version 1.
+    #[test]
+    fn race_fill_vs_announcement_never_leaves_the_older_read() {
+        shuttle::check_random(
+            || {
+                let admission = Admission::new();
+                let cache = l1();
+                let ticket = admission.begin("k");
+                let key: Arc<str> = "k".into();
+                let (a, c) = (Arc::clone(&admission), Arc::clone(&cache));
+                let announce = shuttle::thread::spawn(move || {
+                    a.on_announcement(&c, "k", 2);
+                });
+                Admission::admit(&cache, &key, &ticket, entry(1));
+                announce.join().unwrap();
+                assert_ne!(
+                    held(&cache),
+                    Some(1),
+                    "the older read outlived the announcement"
+                );
+            },
+            SCHEDULES,
+        );
+    }
+
+    /// Two `set`s and an `invalidate` of one node race (versions come from one Redis in the
+    /// order their scripts run): once all three returned, L1 holds nothing or the newest
+    /// write, never one older than the delete or than another write.
+    #[test]
+    fn race_set_vs_set_vs_delete_leaves_only_the_newest_write() {
+        shuttle::check_random(
+            || {
+                let admission = Admission::new();
+                let cache = l1();
+                let redis = Arc::new(Counter::new(0));
+                let deleted = Arc::new(Counter::new(0));
+                let mut tasks = Vec::new();
+                for _ in 0..2 {
+                    let (a, c, r) = (
+                        Arc::clone(&admission),
+                        Arc::clone(&cache),
+                        Arc::clone(&redis),
+                    );
+                    tasks.push(shuttle::thread::spawn(move || {
+                        let ticket = a.begin_write("k");
+                        let v = r.fetch_add(1, Ordering::SeqCst) + 1;
+                        a.on_announcement(&c, "k", v);
+                        Admission::admit(&c, &Arc::from("k"), &ticket, entry(v));
+                    }));
+                }
+                {
+                    let (a, c, r, d) = (
+                        Arc::clone(&admission),
+                        Arc::clone(&cache),
+                        Arc::clone(&redis),
+                        Arc::clone(&deleted),
+                    );
+                    tasks.push(shuttle::thread::spawn(move || {
+                        let ticket = a.begin_write("k");
+                        c.invalidate("k");
+                        let v = r.fetch_add(1, Ordering::SeqCst) + 1;
+                        d.store(v, Ordering::SeqCst);
+                        a.announced("k", v);
+                        drop(ticket);
+                        c.invalidate("k");
+                    }));
+                }
+                for t in tasks {
+                    t.join().unwrap();
+                }
+                let newest = redis.load(Ordering::SeqCst);
+                let delete = deleted.load(Ordering::SeqCst);
+                match held(&cache) {
+                    None => {}
+                    Some(v) => {
+                        assert_eq!(v, newest, "L1 holds {v}, Redis's newest is {newest}");
+                        assert!(v > delete, "L1 holds {v}, deleted at {delete}");
+                    }
+                }
+            },
+            SCHEDULES,
+        );
+    }
+
+    /// A local change (a gap, a clear) revokes a fill while it inserts: nothing is left.
+    #[test]
+    fn race_revoke_during_fill_leaves_nothing() {
+        shuttle::check_random(
+            || {
+                let admission = Admission::new();
+                let cache = l1();
+                let ticket = admission.begin("k");
+                let (a, c) = (Arc::clone(&admission), Arc::clone(&cache));
+                let gap = shuttle::thread::spawn(move || {
+                    a.revoke_all();
+                    c.invalidate_all();
+                });
+                Admission::admit(&cache, &Arc::from("k"), &ticket, entry(5));
+                gap.join().unwrap();
+                // moka applies invalidate_all lazily: a read after it sees nothing.
+                assert_eq!(held(&cache), None, "a revoked fill survived the gap");
+            },
+            SCHEDULES,
+        );
+    }
+
+    /// The same race as the first test, with admission's second check removed (insert
+    /// without re-reading the floor): shuttle finds the interleaving where the older read
+    /// lands after the announcement.
+    #[test]
+    #[should_panic(expected = "the older read outlived the announcement")]
+    fn race_fill_vs_announcement_without_the_second_check_fails() {
+        shuttle::check_random(
+            || {
+                let admission = Admission::new();
+                let cache = l1();
+                let ticket = admission.begin("k");
+                let (a, c) = (Arc::clone(&admission), Arc::clone(&cache));
+                let announce = shuttle::thread::spawn(move || {
+                    a.on_announcement(&c, "k", 2);
+                });
+                // Broken on purpose: check, then insert, no check after.
+                if ticket.admits(1) {
+                    shuttle::thread::yield_now();
+                    cache.insert(Arc::from("k"), entry(1));
+                }
+                announce.join().unwrap();
+                assert_ne!(
+                    held(&cache),
+                    Some(1),
+                    "the older read outlived the announcement"
+                );
+            },
+            SCHEDULES,
+        );
     }
 }

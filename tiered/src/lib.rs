@@ -169,6 +169,7 @@ mod health;
 mod metrics;
 mod options;
 mod stats;
+mod sync;
 mod trace;
 
 pub use breaker::BreakerState;
