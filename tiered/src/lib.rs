@@ -78,6 +78,11 @@
 //! older than [`EntryOptions::l1_time_to_live`] in any case. Stale values served on purpose
 //! (stale-while-revalidate, fail-safe) are the exceptions the options ask for.
 //!
+//! The protocol behind it is model-checked (the workspace's `model` crate, stateright): the
+//! properties `no_read_older_than_delta`, `l1_never_below_announced` and
+//! `one_load_per_lock_lease` hold on every interleaving of its configurations, and fail with a
+//! printed trace on a deliberately broken variant of each race found so far.
+//!
 //! How each part holds, and what it assumes:
 //!
 //! - **Versions only go up.** Every change is stamped inside the Lua script that makes it with
