@@ -11,7 +11,7 @@ use std::time::Duration;
 use invalidation::message::{self, Action, Message, Signing};
 use invalidation::sign::Key;
 use invalidation::{Bus, BusConfig, Consumer, Event, GapReason};
-use testkit::RedisServer;
+use testkit::{RedisServer, eventually};
 
 const CHANNEL: &str = "t:!inval";
 const SOON: Duration = Duration::from_secs(20);
@@ -26,21 +26,6 @@ fn collector() -> (Consumer, Seen) {
         Box::pin(async {})
     });
     (consumer, seen)
-}
-
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not within {within:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn bus(server: &RedisServer, config: BusConfig) -> (Bus, Seen) {

@@ -289,13 +289,8 @@ async fn publish_until_heard(
 }
 
 async fn wait_for(seen: &Arc<Mutex<Vec<String>>>, what: &str, within: Duration) {
-    let start = Instant::now();
-    while !seen.lock().unwrap().iter().any(|e| e == what) {
-        assert!(
-            start.elapsed() < within,
-            "no {what:?} within {within:?}: {:?}",
-            seen.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    testkit::eventually(within, &format!("{what:?} among the events"), || async {
+        seen.lock().unwrap().iter().any(|e| e == what)
+    })
+    .await;
 }
