@@ -105,6 +105,9 @@ pub struct CacheConfig {
     /// Default options: [`EntryOptions::negative_ttl`].
     #[serde(deserialize_with = "duration")]
     pub negative_ttl: Option<Duration>,
+    /// Default options: [`EntryOptions::outage_staleness`] (`"0s"`: the strict mode).
+    #[serde(deserialize_with = "duration")]
+    pub outage_staleness: Option<Duration>,
 }
 
 impl fmt::Debug for CacheConfig {
@@ -145,6 +148,7 @@ impl fmt::Debug for CacheConfig {
             .field("hard_timeout", &self.hard_timeout)
             .field("jitter", &self.jitter)
             .field("negative_ttl", &self.negative_ttl)
+            .field("outage_staleness", &self.outage_staleness)
             .finish()
     }
 }
@@ -314,6 +318,9 @@ impl CacheConfig {
         if let Some(v) = self.jitter {
             o = o.jitter(v);
         }
+        if let Some(v) = self.outage_staleness {
+            o = o.outage_staleness(v);
+        }
         if let Some(v) = self.negative_ttl {
             o = o.negative_ttl(v);
         }
@@ -401,10 +408,25 @@ mod tests {
                 ("TIERED_L1_MAX_BYTES", "1048576"),
                 ("TIERED_TRACE_KEYS", "true"),
                 ("TIERED_HIT_RATIO_FLOOR", "0.9"),
+                ("TIERED_OUTAGE_STALENESS", "0s"),
+                ("TIERED_BUS_SECRET", "s3cret"),
+                ("TIERED_MAX_KEY_LEN", "1024"),
                 ("OTHER_TTL", "1s"),
             ]),
         )
         .unwrap();
+        assert_eq!(c.outage_staleness, Some(Duration::ZERO));
+        assert_eq!(
+            c.options().outage_staleness,
+            Duration::ZERO,
+            "the strict mode"
+        );
+        assert_eq!(c.bus_secret.as_deref(), Some("s3cret"));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the secret is never printed"
+        );
+        assert_eq!(c.max_key_len, Some(1024));
         assert_eq!(c.namespace, "users");
         assert_eq!(c.ttl, Some(Duration::from_secs(300)));
         assert_eq!(c.l1_max_bytes, Some(1 << 20));
