@@ -46,6 +46,16 @@ pub(crate) enum Raw {
     Beat(Beat),
 }
 
+impl Raw {
+    /// The bytes it holds against the queue's byte budget ([`QUEUE_BYTES`]).
+    fn bytes(&self) -> usize {
+        match self {
+            Raw::Message { payload, .. } => payload.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Heartbeat `n`: the subscriber's `run_id`, and its probes' trip (`None`: no channel to probe
 /// on yet).
 pub(crate) struct Beat {
@@ -164,10 +174,7 @@ impl Bus {
                     l2::Event::Disconnected => Raw::Disconnected,
                     _ => return,
                 };
-                let bytes = match &raw {
-                    Raw::Message { payload, .. } => payload.len(),
-                    _ => 0,
-                };
+                let bytes = raw.bytes();
                 let queued = counters.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
                 let full = queued > QUEUE_BYTES
                     || matches!(tx.try_send(raw), Err(mpsc::error::TrySendError::Full(_)));
@@ -270,16 +277,12 @@ async fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<Raw>, mut closed: watch::
             _ = closed.changed() => return,
         };
         // A batch is at most 1,024 items or 4 MiB of messages, whichever comes first.
-        let size = |raw: &Raw| match raw {
-            Raw::Message { payload, .. } => payload.len(),
-            _ => 0,
-        };
-        let mut bytes = size(&first);
+        let mut bytes = first.bytes();
         let mut batch = vec![first];
         while batch.len() < 1024 && bytes < 4 << 20 {
             match rx.try_recv() {
                 Ok(raw) => {
-                    bytes += size(&raw);
+                    bytes += raw.bytes();
                     batch.push(raw);
                 }
                 Err(_) => break,

@@ -113,13 +113,13 @@ impl<V> Entry<V> {
     /// decoded from foreign bytes can be anything, and a deadline never panics).
     fn stamp(&mut self, now: Instant, ttl: Duration) {
         self.inserted_at = now;
-        self.expires_at = later(now, ttl);
+        self.expires_at = deadline_after(now, ttl);
         self.fresh_until = self.compute_fresh_until();
     }
 
     fn compute_fresh_until(&self) -> Instant {
         match self.fresh_for {
-            Some(f) => later(self.inserted_at, f).min(self.expires_at),
+            Some(f) => deadline_after(self.inserted_at, f).min(self.expires_at),
             None => self.expires_at,
         }
     }
@@ -456,6 +456,19 @@ fn jittered(ttl: Duration, jitter: Duration) -> Duration {
     ttl - Duration::from_nanos(cut_nanos)
 }
 
+/// `at + d` as a deadline that never panics: capped at a century after `at` (and `at` itself
+/// should even that overflow). Durations decoded from foreign bytes can be anything.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// let now = Instant::now();
+/// assert!(l1::deadline_after(now, Duration::MAX) > now);
+/// ```
+pub fn deadline_after(at: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+    at.checked_add(d.min(CENTURY)).unwrap_or(at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,10 +505,4 @@ mod send_tests {
         fn is_send_sync<T: Send + Sync>(_: &T) {}
         is_send_sync(&cache);
     }
-}
-
-/// `at + d`, capped at a century after `at` (and at `at` itself should even that overflow).
-fn later(at: Instant, d: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
-    at.checked_add(d.min(CENTURY)).unwrap_or(at)
 }

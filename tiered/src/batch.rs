@@ -121,7 +121,7 @@ async fn resolve_many<V, F, Fut, I, E>(
                 match fetched {
                     Some(f) if f.is_fresh() => {
                         let key: Arc<str> = claim.key().into();
-                        let value = inner.answer_from_l2(&key, f, &opts, &claim.token()).await;
+                        let value = inner.answer_from_l2(&key, f, &opts, &claim.token());
                         claim.finish(Ok(value));
                     }
                     _ => missing.push((claim, rkey)),
@@ -275,7 +275,7 @@ async fn resolve_many<V, F, Fut, I, E>(
                 )
             };
             if let Some(entry) = entry {
-                inner.fill(&key, entry, &opts, &claim.token()).await;
+                inner.fill(&key, entry, &opts, &claim.token());
             }
         }
         claim.finish(Ok(value));

@@ -405,21 +405,19 @@ mod permutations {
         l1.get("k").map(|e| e.write_version())
     }
 
-    /// A fill that read version 1 before version 2 was announced races the announcement: L1
-    /// never ends up holding version 1.
-    #[test]
-    fn race_fill_vs_announcement_never_leaves_the_older_read() {
+    /// A fill that read version 1 before version 2 was announced races the announcement:
+    /// `fill` puts version 1 in L1 its way; afterwards L1 must not hold it.
+    fn fill_vs_announcement(fill: fn(&LocalCache<u32>, &Ticket)) {
         shuttle::check_random(
-            || {
+            move || {
                 let admission = Admission::new();
                 let cache = l1();
                 let ticket = admission.begin("k");
-                let key: Arc<str> = "k".into();
                 let (a, c) = (Arc::clone(&admission), Arc::clone(&cache));
                 let announce = shuttle::thread::spawn(move || {
                     a.on_announcement(&c, "k", 2);
                 });
-                Admission::admit(&cache, &key, &ticket, entry(1));
+                fill(&cache, &ticket);
                 announce.join().unwrap();
                 assert_ne!(
                     held(&cache),
@@ -429,6 +427,14 @@ mod permutations {
             },
             SCHEDULES,
         );
+    }
+
+    /// The race above, through `Admission::admit`: L1 never ends up holding version 1.
+    #[test]
+    fn race_fill_vs_announcement_never_leaves_the_older_read() {
+        fill_vs_announcement(|cache, ticket| {
+            Admission::admit(cache, &Arc::from("k"), ticket, entry(1));
+        });
     }
 
     /// Two `set`s and an `invalidate` of one node race (versions come from one Redis in the
@@ -512,34 +518,18 @@ mod permutations {
         );
     }
 
-    /// The same race as the first test, with admission's second check removed (insert
-    /// without re-reading the floor): shuttle finds the interleaving where the older read
-    /// lands after the announcement.
+    /// The same race, with admission's second check removed (insert without re-reading the
+    /// floor): shuttle finds the interleaving where the older read lands after the
+    /// announcement.
     #[test]
     #[should_panic(expected = "the older read outlived the announcement")]
     fn race_fill_vs_announcement_without_the_second_check_fails() {
-        shuttle::check_random(
-            || {
-                let admission = Admission::new();
-                let cache = l1();
-                let ticket = admission.begin("k");
-                let (a, c) = (Arc::clone(&admission), Arc::clone(&cache));
-                let announce = shuttle::thread::spawn(move || {
-                    a.on_announcement(&c, "k", 2);
-                });
-                // Broken on purpose: check, then insert, no check after.
-                if ticket.admits(1) {
-                    shuttle::thread::yield_now();
-                    cache.insert(Arc::from("k"), entry(1));
-                }
-                announce.join().unwrap();
-                assert_ne!(
-                    held(&cache),
-                    Some(1),
-                    "the older read outlived the announcement"
-                );
-            },
-            SCHEDULES,
-        );
+        fill_vs_announcement(|cache, ticket| {
+            // Broken on purpose: check, then insert, no check after.
+            if ticket.admits(1) {
+                shuttle::thread::yield_now();
+                cache.insert(Arc::from("k"), entry(1));
+            }
+        });
     }
 }

@@ -16,8 +16,9 @@ use crate::options::EntryOptions;
 use crate::trace;
 
 use super::read::{Cached, Fallback, L2Read};
-use super::{Inner, Loaded, Loader, later};
+use super::{Inner, Loaded, Loader};
 use crate::stats::bump;
+use l1::deadline_after;
 
 /// Releases a lock on every exit path: if the load ends without releasing it (an error,
 /// a panic, a cut-off), a task releases it, so waiters take over at once.
@@ -68,7 +69,7 @@ where
 
     /// Serves `fallback` as a fail-safe answer, counting it once and throttling the loader:
     /// L1 then holds the old value as fresh for the throttle period.
-    pub(crate) async fn serve_fail_safe(
+    pub(crate) fn serve_fail_safe(
         &self,
         key: &Arc<str>,
         fallback: &Fallback<V>,
@@ -100,7 +101,7 @@ where
             let entry = self
                 .entry(fallback.value.clone(), 0, throttle, throttle, opts)
                 .version(fallback.version);
-            self.fill(key, entry, opts, token).await;
+            self.fill(key, entry, opts, token);
         }
     }
 
@@ -130,7 +131,7 @@ where
                     match self.l2_read(rkey).await {
                         L2Read::Fresh(f) => {
                             self.store.release(vec![lock], self.lock_ttl).await;
-                            return Ok(self.answer_from_l2(key, f, opts, token).await);
+                            return Ok(self.answer_from_l2(key, f, opts, token));
                         }
                         L2Read::Stale(f) if fallback.is_none() => {
                             let entry = self.entry_from_l2(&f, opts);
@@ -150,7 +151,7 @@ where
                     wait.notified(poll).await;
                     match self.l2_read(rkey).await {
                         L2Read::Fresh(f) => {
-                            return Ok(self.answer_from_l2(key, f, opts, token).await);
+                            return Ok(self.answer_from_l2(key, f, opts, token));
                         }
                         L2Read::Down(_) => break,
                         L2Read::Stale(_) | L2Read::Miss => {}
@@ -203,7 +204,7 @@ where
                 () = &mut soft_sleep, if soft_armed => {
                     soft_armed = false;
                     if let Some(fb) = &fallback {
-                        self.serve_fail_safe(key, fb, opts, token, &"soft timeout").await;
+                        self.serve_fail_safe(key, fb, opts, token, &"soft timeout");
                     }
                 }
                 () = &mut extend, if guard.lock.is_some() => {
@@ -241,7 +242,7 @@ where
                     self.store.release(vec![lock], self.lock_ttl).await;
                 }
                 if let Some(fb) = fallback.filter(|f| f.usable(opts)) {
-                    self.serve_fail_safe(key, &fb, opts, token, &error).await;
+                    self.serve_fail_safe(key, &fb, opts, token, &error);
                     return Ok(fb.value);
                 }
                 return Err(error);
@@ -322,7 +323,7 @@ where
                 )
             };
             if let Some(entry) = entry {
-                self.fill(key, entry, opts, token).await;
+                self.fill(key, entry, opts, token);
             }
         }
         Ok(value)
@@ -348,7 +349,7 @@ where
         let now = Instant::now();
         let held = Cached {
             value,
-            fresh_until: later(now, fresh),
+            fresh_until: deadline_after(now, fresh),
             local: true,
         };
         Some(

@@ -179,15 +179,6 @@ impl<V> fmt::Debug for TieredCache<V> {
     }
 }
 
-/// `at + d`, or a century after `at` when that overflows: durations decoded from Redis bytes
-/// can be anything, and deadlines never panic.
-pub(crate) fn later(at: Instant, d: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
-    at.checked_add(d.min(CENTURY))
-        .or_else(|| at.checked_add(Duration::from_secs(86_400)))
-        .unwrap_or(at)
-}
-
 fn found<V>(key: &str, value: Option<V>) -> Result<V> {
     value.ok_or_else(|| Error::NotFound {
         key: key.to_string(),

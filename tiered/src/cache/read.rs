@@ -16,8 +16,9 @@ use crate::flight::FlightToken;
 use crate::options::EntryOptions;
 use crate::trace;
 
-use super::{Inner, Loader, later};
+use super::{Inner, Loader};
 use crate::stats::bump;
+use l1::deadline_after;
 
 /// What L1 holds: the value (or a cached "not found") and its logical deadlines. The L1
 /// entry's own freshness ([`Entry::is_fresh`]) is how long this node trusts it without asking
@@ -39,9 +40,6 @@ pub(crate) struct Fallback<V> {
     pub(crate) version: u64,
     pub(crate) fresh: bool,
     pub(crate) in_swr: bool,
-    /// Fresh by its own TTL, unconfirmed by the lease, and the lease ran out less than the
-    /// outage staleness ago: servable if Redis cannot be asked (the outage policy).
-    pub(crate) outage: bool,
     /// The L1 entry it was read from, if any: a fail-safe fill puts it back only if it is
     /// still there (an announcement or a gap may have removed it meanwhile).
     pub(crate) source: Option<L1Entry<V>>,
@@ -57,8 +55,7 @@ impl<V: Clone> Fallback<V> {
             value: held.value.clone(),
             version: entry.write_version(),
             fresh: now < held.fresh_until,
-            in_swr: now < later(held.fresh_until, opts.swr),
-            outage: false,
+            in_swr: now < deadline_after(held.fresh_until, opts.swr),
             source: None,
         }
     }
@@ -66,7 +63,8 @@ impl<V: Clone> Fallback<V> {
     /// What L1 held for a read that missed. While the bus's lease does not hold, the entry
     /// may have missed an invalidation: it is neither fresh nor servable as
     /// stale-while-revalidate (which serves old values, never ones known to be replaced);
-    /// only fail-safe, when a load fails, may still fall back on it.
+    /// only fail-safe, when a load fails, or the outage policy ([`Fallback::outage_answer`]),
+    /// may still use it.
     pub(crate) fn from_candidate(
         entry: &L1Entry<V>,
         opts: &EntryOptions,
@@ -74,9 +72,7 @@ impl<V: Clone> Fallback<V> {
     ) -> Self {
         let mut fallback = Self::from_l1(entry, opts);
         fallback.source = Some(Arc::clone(entry));
-        let now = Instant::now();
-        if let Some(lapsed) = lease.lapsed_for(now) {
-            fallback.outage = entry.is_fresh_at(now) && lapsed < opts.outage_staleness;
+        if !lease.holds() {
             fallback.fresh = false;
             fallback.in_swr = false;
         }
@@ -158,7 +154,7 @@ where
         let held = entry.value();
         let now = Instant::now();
         if options.swr.is_zero()
-            || now >= later(held.fresh_until, options.swr)
+            || now >= deadline_after(held.fresh_until, options.swr)
             || !self.lease.holds_at(now)
         {
             return None;
@@ -182,7 +178,7 @@ where
         let now = Instant::now();
         let held = Cached {
             value,
-            fresh_until: later(now, fresh),
+            fresh_until: deadline_after(now, fresh),
             local: false,
         };
         Entry::new(Arc::clone(&self.namespace), held)
@@ -202,7 +198,7 @@ where
         let life = f.remaining.unwrap_or(f.meta.stale_for);
         let held = Cached {
             value: f.value.clone(),
-            fresh_until: later(now, fresh),
+            fresh_until: deadline_after(now, fresh),
             local: false,
         };
         Entry::new(Arc::clone(&self.namespace), held)
@@ -214,7 +210,7 @@ where
 
     /// A fresh L2 entry is the answer: counted, and put in L1 if the flight's ticket admits
     /// it.
-    pub(crate) async fn answer_from_l2(
+    pub(crate) fn answer_from_l2(
         &self,
         key: &Arc<str>,
         fetched: Fetched<Option<V>>,
@@ -223,12 +219,12 @@ where
     ) -> Option<V> {
         bump(&self.counters.l2_hits);
         let entry = self.entry_from_l2(&fetched, opts);
-        self.fill(key, entry, opts, token).await;
+        self.fill(key, entry, opts, token);
         fetched.value
     }
 
     /// Puts `entry` in L1 if the flight's ticket admits it (see `coherence`).
-    pub(crate) async fn fill(
+    pub(crate) fn fill(
         &self,
         key: &Arc<str>,
         entry: Entry<Cached<V>>,
@@ -407,7 +403,7 @@ where
                         self.store.release(vec![lock.clone()], self.lock_ttl).await;
                     }
                     trace::tier("l2");
-                    return Ok(self.answer_from_l2(&key, f, &opts, &token).await);
+                    return Ok(self.answer_from_l2(&key, f, &opts, &token));
                 }
                 L2Read::Stale(f) => {
                     let entry = self.entry_from_l2(&f, &opts);
@@ -416,7 +412,7 @@ where
                         bump(&self.counters.stale_served);
                         bump(&self.counters.refreshes);
                         token.answer(Ok(fb.value.clone()));
-                        self.fill(&key, entry, &opts, &token).await;
+                        self.fill(&key, entry, &opts, &token);
                     }
                     fallback = Some(fb);
                 }
