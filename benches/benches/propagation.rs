@@ -70,10 +70,46 @@ async fn helper(url: String) {
         bare.push(now_us().saturating_sub(sent));
     }
     drop(stream);
+    // Stage trace: a bare subscriber on the cache's own channel notes when each of A's
+    // announcements reaches this process; the loop below notes when L1 stops holding the old
+    // value (the eviction applied) and when `get` returns the new one.
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(N)));
+    let mut raw = client.get_async_pubsub().await.unwrap();
+    raw.subscribe(invalidation::channel_for(&l2::KeySpace::new("propagation")))
+        .await
+        .unwrap();
+    let noted = std::sync::Arc::clone(&arrivals);
+    tokio::spawn(async move {
+        let mut stream = raw.on_message();
+        while stream.next().await.is_some() {
+            noted.lock().unwrap().push(now_us());
+        }
+    });
+    // A second consumer on the cache's own bus and channel: called on the bus's reader right
+    // after the cache's, so it notes when the eviction has been applied to L1.
+    let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(N)));
+    let noted = std::sync::Arc::clone(&applied);
+    cache
+        .bus()
+        .listen(
+            &invalidation::channel_for(&l2::KeySpace::new("propagation")),
+            std::sync::Arc::new(move |event| {
+                if matches!(event, invalidation::Event::Evict(_)) {
+                    noted.lock().unwrap().push(now_us());
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    println!("TRACING");
     // Each new value seen counts once; a value overtaken before B saw it is simply skipped.
     let mut tiered = Vec::with_capacity(N);
     let mut last = 0usize;
+    let mut evicted = None;
     while last <= N {
+        if evicted.is_none() && !cache.is_fresh_locally("k") {
+            evicted = Some(now_us());
+        }
         if let Ok(Some(v)) = cache.get("k").await {
             let mut parts = v.split(':');
             let i: usize = parts.next().unwrap().parse().unwrap();
@@ -82,12 +118,21 @@ async fn helper(url: String) {
                 let now = now_us();
                 if last > 0 {
                     tiered.push(now.saturating_sub(sent));
-                    println!("SEEN {i} {now}");
+                    println!("SEEN {i} {now} {}", evicted.unwrap_or(now));
                 }
                 last = i;
+                evicted = None;
             }
         }
         tokio::task::yield_now().await;
+    }
+    let bus = cache.bus().stats();
+    println!("BUSLAG {} {}", bus.lag_p50_micros, bus.lag_p99_micros);
+    for (i, t) in applied.lock().unwrap().iter().enumerate() {
+        println!("APPLIED {} {t}", i + 1);
+    }
+    for (i, t) in arrivals.lock().unwrap().iter().enumerate() {
+        println!("ARRIVED {} {t}", i + 1);
     }
     for l in bare {
         println!("LAG bare {l}");
@@ -125,26 +170,54 @@ async fn driver() {
             .unwrap();
         tokio::time::sleep(GAP).await;
     }
+    while !line.starts_with("TRACING") {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The value carries the time its write started; A also notes when each write returned.
     let mut acked = vec![0u64; N + 2];
-    for (i, ack) in acked.iter_mut().enumerate().skip(1) {
-        a.set("k", &format!("{i}:{}", now_us())).await.unwrap();
-        *ack = now_us();
+    let mut started = vec![0u64; N + 2];
+    for i in 1..=N + 1 {
+        started[i] = now_us();
+        a.set("k", &format!("{i}:{}", started[i])).await.unwrap();
+        acked[i] = now_us();
         tokio::time::sleep(GAP).await;
     }
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
     child.wait().unwrap();
     let (mut bare, mut tiered, mut from_ack) = (Vec::new(), Vec::new(), Vec::new());
+    let mut arrived = vec![0u64; N + 2];
+    let mut applied = vec![0u64; N + 2];
+    let mut seen = Vec::new();
     for l in rest.lines() {
         let f: Vec<&str> = l.split(' ').collect();
         match f.as_slice() {
             ["LAG", "bare", v] => bare.push(v.parse().unwrap()),
             ["LAG", "tiered", v] => tiered.push(v.parse().unwrap()),
-            ["SEEN", i, t] => {
-                let (i, t): (usize, u64) = (i.parse().unwrap(), t.parse().unwrap());
+            ["SEEN", i, t, e] => {
+                let (i, t, e): (usize, u64, u64) =
+                    (i.parse().unwrap(), t.parse().unwrap(), e.parse().unwrap());
                 from_ack.push(t.saturating_sub(acked[i]));
+                seen.push((i, t, e));
+            }
+            ["BUSLAG", p50, p99] => println!(
+                "(B's bus: message built on A -> read by B's cache, p50 {p50} µs, p99 {p99} µs)"
+            ),
+            ["APPLIED", i, t] => {
+                if let Ok(i) = i.parse::<usize>()
+                    && i <= N + 1
+                {
+                    applied[i] = t.parse().unwrap();
+                }
+            }
+            ["ARRIVED", i, t] => {
+                if let Ok(i) = i.parse::<usize>()
+                    && i <= N + 1
+                {
+                    arrived[i] = t.parse().unwrap();
+                }
             }
             _ => {}
         }
@@ -158,6 +231,33 @@ async fn driver() {
         tp50 / bp50.max(1.0),
         tp99 / bp99.max(1.0)
     );
+    println!("\nstages, per change B saw (both processes read the same host clock):");
+    let stage = |f: &dyn Fn(usize, u64, u64) -> u64| -> Vec<u64> {
+        seen.iter().map(|&(i, t, e)| f(i, t, e)).collect()
+    };
+    summary("A: set starts -> set returns", stage(&|i, _, _| acked[i] - started[i]));
+    summary(
+        "A: set starts -> message reaches B",
+        stage(&|i, _, _| arrived[i].saturating_sub(started[i])),
+    );
+    // Two connections of B read the same message; either may be first.
+    let mut skew: Vec<i64> = seen
+        .iter()
+        .map(|&(i, _, _)| applied[i] as i64 - arrived[i] as i64)
+        .collect();
+    skew.sort_unstable();
+    println!(
+        "{:<40} n={:<5} p50 {:>8.1} µs   p99 {:>8.1} µs   (signed)",
+        "B: message arrives -> eviction applied",
+        skew.len(),
+        skew[skew.len() / 2] as f64,
+        skew[(skew.len() - 1) * 99 / 100] as f64,
+    );
+    summary(
+        "B: eviction applied -> reader sees L1 changed",
+        stage(&|i, _, e| e.saturating_sub(applied[i])),
+    );
+    summary("B: L1 changed -> get returns it", stage(&|_, t, e| t.saturating_sub(e)));
 }
 
 fn main() {

@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::BusConfig;
-use crate::event::Consumer;
+use crate::event::{Consumer, Event};
 use crate::lease::Lease;
-use crate::plan::{State, deliver};
+use crate::plan::{Received, State, deliver};
 use crate::publisher::Publisher;
 use crate::stats::{BusStats, Counters};
 
@@ -40,7 +40,7 @@ pub const QUEUE_BYTES: usize = 32 << 20;
 pub const MAX_MESSAGE_LEN: usize = 64 << 10;
 
 pub(crate) enum Raw {
-    Message { channel: String, payload: Vec<u8> },
+    Message(Received),
     Disconnected,
     Subscribed(String),
     Beat(Beat),
@@ -50,7 +50,7 @@ impl Raw {
     /// The bytes it holds against the queue's byte budget ([`QUEUE_BYTES`]).
     fn bytes(&self) -> usize {
         match self {
-            Raw::Message { payload, .. } => payload.len(),
+            Raw::Message(m) => m.len,
             _ => 0,
         }
     }
@@ -71,7 +71,8 @@ pub(crate) struct Inner {
     pub(crate) config: BusConfig,
     /// Bounded ([`QUEUE_CAPACITY`]): a flood costs a gap, not memory.
     tx: mpsc::Sender<Raw>,
-    pub(crate) consumers: RwLock<HashMap<String, Vec<Consumer>>>,
+    /// Shared with the subscriber's callbacks, which apply evictions (see [`Consumer`]).
+    pub(crate) consumers: Arc<RwLock<HashMap<String, Vec<Consumer>>>>,
     /// Shared with the subscriber's callbacks (which must not hold the bus itself).
     pub(crate) counters: Arc<Counters>,
     /// This bus's own probe channel, named after the first channel listened to (so an ACL
@@ -114,7 +115,7 @@ impl Bus {
             subscriber,
             config,
             tx,
-            consumers: RwLock::default(),
+            consumers: Arc::default(),
             counters: Arc::default(),
             probe_channel: OnceLock::new(),
             lease,
@@ -144,32 +145,52 @@ impl Bus {
         self.inner.config.clone()
     }
 
-    /// Subscribes to `channel` (if not yet) and hands its events to `consumer`, in order, one
-    /// at a time. Gaps of the connection reach every consumer.
+    /// Subscribes to `channel` (if not yet) and hands its events to `consumer`: evictions on
+    /// the subscriber connection's reader as each message is read, everything else from the
+    /// bus's task, in order (see [`Consumer`]). Gaps of the connection reach every consumer.
+    /// Several consumers of one channel share its subscription, and each message reaches each
+    /// of them once.
     ///
     /// # Errors
-    /// As [`Subscriber::listen`] (for example an ACL user without rights on the channel).
+    /// As [`Subscriber::listen`] (for example an ACL user without rights on the channel); the
+    /// channel's consumers are then dropped. A consumer added while the first one's
+    /// subscription is still on its way returns at once.
     pub async fn listen(&self, channel: &str, consumer: Consumer) -> l2::Result<()> {
-        self.inner
-            .consumers
-            .write()
-            .entry(channel.to_string())
-            .or_default()
-            .push(consumer);
+        let first = {
+            let mut consumers = self.inner.consumers.write();
+            let list = consumers.entry(channel.to_string()).or_default();
+            list.push(consumer);
+            list.len() == 1
+        };
+        // One reader callback per channel, whatever the number of consumers: it hands each
+        // message to all of them, and queues it once.
+        if !first {
+            return Ok(());
+        }
         let tx = self.inner.tx.clone();
         let counters = Arc::clone(&self.inner.counters);
+        let consumers = Arc::clone(&self.inner.consumers);
+        let secret = self.inner.config.secret.clone();
         let subscriber = &self.inner.subscriber;
-        subscriber
+        let listening = subscriber
             .listen(channel, move |event| {
                 let raw = match event {
                     l2::Event::Message { payload, .. } if payload.len() > MAX_MESSAGE_LEN => {
                         counters.malformed.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
-                    l2::Event::Message { channel, payload } => Raw::Message {
-                        channel: channel.to_string(),
-                        payload: payload.to_vec(),
-                    },
+                    l2::Event::Message { channel, payload } => {
+                        let received = Received::read(channel, payload, secret.as_ref());
+                        // Here, before the queue: the eviction reaches L1 at once, and before
+                        // any probe that arrives after it is queued (so before its proof).
+                        if let Some(evictions) = received.evictions() {
+                            let list = consumers.read().get(*channel).cloned();
+                            for c in list.into_iter().flatten() {
+                                c(Event::Evict(evictions.clone()));
+                            }
+                        }
+                        Raw::Message(received)
+                    }
                     l2::Event::Subscribed { channel } => Raw::Subscribed(channel.to_string()),
                     l2::Event::Disconnected => Raw::Disconnected,
                     _ => return,
@@ -186,7 +207,11 @@ impl Bus {
                     counters.overflowed.store(true, Ordering::Release);
                 }
             })
-            .await?;
+            .await;
+        if let Err(e) = listening {
+            self.inner.consumers.write().remove(channel);
+            return Err(e);
+        }
         let probe_channel = self
             .inner
             .probe_channel
@@ -298,7 +323,7 @@ async fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<Raw>, mut closed: watch::
         let overflowed = inner.counters.overflowed.swap(false, Ordering::AcqRel);
         let plan = state.plan(&inner, batch, overflowed);
         let confirmed = plan.confirmed;
-        deliver(&inner, plan).await;
+        deliver(&inner, plan);
         // Only now: the messages that arrived ahead of the probes have been applied.
         if let Some(sent) = confirmed {
             inner.lease.confirm(sent);

@@ -1,8 +1,6 @@
 //! What a consumer of the bus is told: [`Event`]s, and the [`GapReason`] of a gap.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 /// Why messages may have been missed.
@@ -80,4 +78,10 @@ pub struct Eviction {
 }
 
 /// A consumer of one channel's events.
-pub type Consumer = Arc<dyn Fn(Event) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+///
+/// [`Event::Evict`] is called on the subscriber connection's reader, as soon as the message
+/// is read off the socket and checked (decoded; signed, if the bus has a secret): no queue and
+/// no task hop stand between a peer's change and this node's L1. Every other event is called
+/// on the bus's task, in order. Either way the call must be quick and must never block: a
+/// slow eviction holds back every later message of the connection.
+pub type Consumer = Arc<dyn Fn(Event) + Send + Sync>;

@@ -19,9 +19,7 @@
 //! let conn = l2::Connection::connect("redis://127.0.0.1:6379").await?;
 //! let bus = Bus::connect(&conn, BusConfig::default()).await?;
 //! let channel = invalidation::channel_for(&l2::KeySpace::new("users"));
-//! bus.listen(&channel, Arc::new(|event: Event| Box::pin(async move {
-//!     println!("{event:?}");
-//! }))).await?;
+//! bus.listen(&channel, Arc::new(|event: Event| println!("{event:?}"))).await?;
 //! // Writers announce through a Publisher, inside the script that writes L2:
 //! let publisher = bus.publisher(&channel);
 //! let message = publisher.evict("42");

@@ -31,14 +31,77 @@ pub(crate) struct State {
     beat: u64,
 }
 
-/// What one batch asks for, per channel, after coalescing.
+/// A message as the subscriber's reader read it: decoded and checked once, there.
+pub(crate) struct Received {
+    channel: String,
+    /// The payload's length (held against the queue's byte budget).
+    pub(crate) len: usize,
+    /// When it was read (µs since the epoch).
+    at: u64,
+    decoded: Result<message::Message, message::MessageError>,
+    check: Check,
+}
+
+/// What the bus's secret says of a message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// The bus has no secret.
+    Open,
+    Unsigned,
+    Forged,
+    Signed,
+}
+
+impl Received {
+    /// Decodes `payload` and checks its signature against `secret`, if any.
+    pub(crate) fn read(channel: &str, payload: &[u8], secret: Option<&Key>) -> Received {
+        let decoded = message::decode(payload);
+        let check = match (secret, &decoded) {
+            (None, _) => Check::Open,
+            (Some(_), Err(_)) => Check::Unsigned,
+            (Some(key), Ok(msg)) => match &msg.signature {
+                None => Check::Unsigned,
+                Some(s) if s.verify(key, channel, payload) => Check::Signed,
+                Some(_) => Check::Forged,
+            },
+        };
+        Received {
+            channel: channel.to_string(),
+            len: payload.len(),
+            at: message::now_micros(),
+            decoded,
+            check,
+        }
+    }
+
+    /// The evictions it asks for, if it is an eviction the bus accepts. Never dropped as a
+    /// replay: applying one again is harmless.
+    pub(crate) fn evictions(&self) -> Option<Vec<Eviction>> {
+        if !matches!(self.check, Check::Open | Check::Signed) {
+            return None;
+        }
+        let msg = self.decoded.as_ref().ok()?;
+        let Action::Evict(keys) = &msg.action else {
+            return None;
+        };
+        Some(
+            keys.iter()
+                .map(|(key, version)| Eviction {
+                    key: key.clone(),
+                    version: *version,
+                    origin: msg.origin,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What one batch asks for, per channel (evictions were applied by the reader already).
 #[derive(Default)]
 pub(crate) struct Plan {
     gap_all: Option<GapReason>,
     gaps: HashMap<String, GapReason>,
     clears: HashMap<String, Vec<Event>>,
-    /// Per channel, per (key, origin): one writer's message never stands for another's.
-    evictions: HashMap<String, HashMap<(String, u64), Eviction>>,
     /// The start of the latest probe round that came back.
     pub(crate) confirmed: Option<std::time::Instant>,
 }
@@ -52,9 +115,7 @@ impl State {
         let mut plan = Plan::default();
         for raw in batch {
             match raw {
-                Raw::Message { channel, payload } => {
-                    self.on_message(inner, &mut plan, channel, &payload, now)
-                }
+                Raw::Message(received) => self.on_message(inner, &mut plan, received, now),
                 Raw::Disconnected => self.on_disconnect(counters),
                 Raw::Subscribed(channel) => self.on_subscribed(&mut plan, channel),
                 Raw::Beat(beat) => self.on_beat(counters, &mut plan, beat),
@@ -67,54 +128,46 @@ impl State {
         plan
     }
 
-    /// A message: counted, decoded, checked against the secret (if any), its lag sampled,
-    /// its number tracked, and its action coalesced into `plan`.
-    fn on_message(
-        &mut self,
-        inner: &Inner,
-        plan: &mut Plan,
-        channel: String,
-        payload: &[u8],
-        now: Instant,
-    ) {
+    /// A message (decoded and checked by the reader, which applied it if it is an
+    /// eviction): counted, its lag sampled, its number tracked, and a clear planned.
+    fn on_message(&mut self, inner: &Inner, plan: &mut Plan, m: Received, now: Instant) {
         let counters = &inner.counters;
         counters.received.fetch_add(1, Ordering::Relaxed);
-        let received = message::now_micros();
-        counters
-            .last_message_micros
-            .store(received, Ordering::Relaxed);
-        let msg = match message::decode(payload) {
+        counters.last_message_micros.store(m.at, Ordering::Relaxed);
+        let Received {
+            channel,
+            len,
+            at,
+            decoded,
+            check,
+        } = m;
+        let msg = match decoded {
             Ok(msg) => msg,
             Err(e) => {
                 counters.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     target: "invalidation",
-                    %channel, len = payload.len(), error = %e,
+                    %channel, len, error = %e,
                     "skipping a malformed invalidation message"
                 );
                 return;
             }
         };
-        if let Some(key) = &inner.config.secret
-            && !self.authentic(counters, key, &channel, payload, &msg)
-        {
-            return;
+        if check == Check::Unsigned || check == Check::Forged {
+            return self.drop_unauthentic(counters, &channel, check);
         }
-        counters.sample_lag(received.saturating_sub(msg.sent_micros));
+        if check == Check::Signed
+            && !matches!(msg.action, Action::Evict(_))
+            && !self.first_clear(&msg)
+        {
+            return self.drop_unauthentic(counters, &channel, check);
+        }
+        counters.sample_lag(at.saturating_sub(msg.sent_micros));
         self.sequences
             .see(&channel, msg.origin, msg.seq, &msg.vouches, now);
         match msg.action {
-            Action::Evict(keys) => {
-                let slot = plan.evictions.entry(channel).or_default();
-                for (key, version) in keys {
-                    let e = slot.entry((key.clone(), msg.origin)).or_insert(Eviction {
-                        key,
-                        version,
-                        origin: msg.origin,
-                    });
-                    e.version = e.version.max(version);
-                }
-            }
+            // Applied by the reader already.
+            Action::Evict(_) => {}
             Action::ClearNamespace => plan
                 .clears
                 .entry(channel)
@@ -226,33 +279,22 @@ impl State {
         self.sequences.forgive(None);
     }
 
-    /// With a secret: whether `msg` (decoded from `payload`, on `channel`) is signed with it,
-    /// recent, and not a clear already applied. Counts what it drops.
-    fn authentic(
-        &mut self,
-        counters: &Counters,
-        key: &Key,
-        channel: &str,
-        payload: &[u8],
-        msg: &message::Message,
-    ) -> bool {
-        let (count, what) = match &msg.signature {
-            None => (&counters.unsigned, "unsigned"),
-            Some(s) if !s.verify(key, channel, payload) => (&counters.forged, "forged"),
-            Some(_) if !matches!(msg.action, Action::Evict(_)) && !self.first_clear(msg) => {
-                (&counters.replayed, "replayed (a clear already applied)")
-            }
-            Some(_) => return true,
+    /// Counts a message dropped for `check` (unsigned, forged, or a signed clear already
+    /// applied: a replay), and logs the first of each kind, then every 1024th.
+    fn drop_unauthentic(&self, counters: &Counters, channel: &str, check: Check) {
+        let (count, what) = match check {
+            Check::Unsigned => (&counters.unsigned, "unsigned"),
+            Check::Forged => (&counters.forged, "forged"),
+            _ => (&counters.replayed, "replayed (a clear already applied)"),
         };
         let n = count.fetch_add(1, Ordering::Relaxed) + 1;
-        // The first of each kind, then every 1024th: a flood must not flood the log too.
+        // A flood must not flood the log too.
         if n == 1 || n % 1024 == 0 {
             tracing::warn!(
                 target: "invalidation",
                 %channel, dropped = n, "dropping {what} invalidation messages"
             );
         }
-        false
     }
 
     /// Whether this clear's (origin, seq) is new (remembering it if so).
@@ -271,7 +313,7 @@ impl State {
     }
 }
 
-pub(crate) async fn deliver(inner: &Inner, plan: Plan) {
+pub(crate) fn deliver(inner: &Inner, plan: Plan) {
     let consumers: HashMap<String, Vec<Consumer>> = inner.consumers.read().clone();
     let counters = &inner.counters;
     let mut gaps = plan.gaps;
@@ -285,18 +327,12 @@ pub(crate) async fn deliver(inner: &Inner, plan: Plan) {
             counters.gaps.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(target: "invalidation", %channel, %reason, "invalidations may have been missed: dropping L1");
             for c in list {
-                c(Event::Gap(*reason)).await;
+                c(Event::Gap(*reason));
             }
         }
         for event in plan.clears.get(channel).into_iter().flatten() {
             for c in list {
-                c(event.clone()).await;
-            }
-        }
-        if let Some(evictions) = plan.evictions.get(channel) {
-            let evictions: Vec<Eviction> = evictions.values().cloned().collect();
-            for c in list {
-                c(Event::Evict(evictions.clone())).await;
+                c(event.clone());
             }
         }
     }

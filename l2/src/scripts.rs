@@ -29,7 +29,8 @@ use std::sync::LazyLock;
 
 /// Shared helpers, prepended to every script: `version_of(key)` reads the write version from
 /// an entry's header (0 if absent, not an entry, or beyond `MAX_WRITE_VERSION`); `next_version(key)` is
-/// `max(version_of(key) + 1, TIME in µs)`; `pack(v)` is its 8-byte encoding;
+/// `max(version_of(key) + 1, TIME in µs)`; `pack(v)` is its 8-byte encoding; `wake(lock,
+/// notices, data)` deletes a lock and, if it existed, publishes `data` on `notices`;
 /// `announce(v, channel, message)` publishes `message .. pack(v)` unless the channel is empty.
 const LIB: &str = r"
 local function version_of(key)
@@ -53,28 +54,32 @@ local function pack(v)
   for i = 1, 8 do t[i] = string.char(v % 256); v = math.floor(v / 256) end
   return table.concat(t)
 end
+-- Breaks the lock and, if there was one, wakes its waiters. Without a lock nobody waits on
+-- it (a waiter that saw one polls until it is gone): no notice, one message less per write.
+local function wake(lock, notices, data)
+  if redis.call('DEL', lock) == 1 then redis.call('PUBLISH', notices, data) end
+end
 local function announce(v, channel, message)
   if channel ~= '' then redis.call('PUBLISH', channel, message .. pack(v)) end
 end
 ";
 
 /// `KEYS[1]` data, `KEYS[2]` lock; `ARGV`: bytes, ttl ms, notice channel, announce channel,
-/// announce message. Writes, stamps the next version (see the module docs), breaks the lock, wakes lock waiters,
-/// announces. Returns the version.
+/// announce message. Writes, stamps the next version (see the module docs), breaks the lock
+/// (waking its waiters, if there was one), announces. Returns the version.
 const OVERWRITE_BODY: &str = r"
 local v = next_version(KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SETRANGE', KEYS[1], 14, pack(v))
-redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[3], KEYS[1])
+wake(KEYS[2], ARGV[3], KEYS[1])
 announce(v, ARGV[4], ARGV[5])
 return v
 ";
 
 /// `KEYS[1]` data, `KEYS[2]` lock; `ARGV`: tombstone bytes, minimum ttl ms, notice channel,
 /// announce channel, announce message. Replaces the entry with a tombstone that lives at least
-/// as long as the old entry would have, stamps the next version, breaks the lock, wakes lock
-/// waiters, announces. Returns `{existed, version}`.
+/// as long as the old entry would have, stamps the next version, breaks the lock (waking its
+/// waiters, if there was one), announces. Returns `{existed, version}`.
 const REMOVE_BODY: &str = r"
 local v = next_version(KEYS[1])
 local existed = 0
@@ -85,8 +90,7 @@ local ttl = tonumber(ARGV[2])
 if pttl > ttl then ttl = pttl end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 redis.call('SETRANGE', KEYS[1], 14, pack(v))
-redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[3], KEYS[1])
+wake(KEYS[2], ARGV[3], KEYS[1])
 announce(v, ARGV[4], ARGV[5])
 return {existed, v}
 ";

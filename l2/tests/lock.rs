@@ -554,3 +554,50 @@ async fn read_or_lock_takes_the_lock_only_when_the_entry_is_not_fresh() {
     assert!(found.is_none());
     assert!(matches!(attempt, LockAttempt::Taken(_)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_wakes_lock_waiters_only_when_it_breaks_a_lock() {
+    let server = RedisServer::start();
+    let conn = Connection::connect(server.url()).await.unwrap();
+    let store = RedisStore::new(conn.clone());
+    let space = KeySpace::new("notices");
+    let key = space.key("k");
+    let subscriber = l2::Subscriber::connect(&conn).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    subscriber
+        .listen(&space.notice_channel(), move |e| {
+            if let l2::Event::Message { payload, .. } = e {
+                let _ = tx.send(payload.to_vec());
+            }
+        })
+        .await
+        .unwrap();
+    let bytes = Codec::<String>::new(TAG)
+        .encode(&"v".to_string(), &EntryMeta::new(Duration::from_secs(60)))
+        .unwrap();
+    let none = l2::Announce {
+        channel: "",
+        message: b"",
+    };
+    let ttl = Duration::from_secs(60);
+    // No lock: nobody can be waiting on one, and no notice is sent (one message less for
+    // every node per write).
+    store.overwrite(&key, &bytes, ttl, none).await.unwrap();
+    store.remove(&key, ttl, none).await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+    assert!(quiet.is_err(), "a notice without a lock: {quiet:?}");
+    // A write that breaks a load's lock wakes its waiters; so does a delete.
+    for delete in [false, true] {
+        store.try_lock(&key, ttl).await.unwrap().unwrap();
+        if delete {
+            store.remove(&key, ttl, none).await.unwrap();
+        } else {
+            store.overwrite(&key, &bytes, ttl, none).await.unwrap();
+        }
+        let woke = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the lock's waiters are woken")
+            .unwrap();
+        assert_eq!(woke, key.as_str().as_bytes());
+    }
+}

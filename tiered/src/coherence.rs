@@ -41,18 +41,17 @@ where
     bus.listen(
         channel,
         Arc::new(move |event: Event| {
-            let weak = weak.clone();
-            Box::pin(async move {
-                if let Some(inner) = weak.upgrade() {
-                    apply(&inner, event).await;
-                }
-            })
+            if let Some(inner) = weak.upgrade() {
+                apply(&inner, event);
+            }
         }),
     )
     .await
 }
 
-async fn apply<V>(inner: &Inner<V>, event: Event)
+/// Acts on one event. Evictions come straight from the subscriber connection's reader (see
+/// [`invalidation::Consumer`]): a few map operations, nothing that waits.
+fn apply<V>(inner: &Inner<V>, event: Event)
 where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
