@@ -6,7 +6,10 @@
 //!   redis-rs `GET` of the same bytes plus `rmp_serde` decode.
 //! - `cluster_l2_hit`: `l2::RedisStore::get` on a local six-node Redis Cluster vs a bare
 //!   redis-rs cluster-client `GET` + decode.
-//! - `miss_load`: a cold key with a no-op loader vs a bare `SET` + `GET`.
+//! - `miss_load`: a cold key with a no-op loader vs raw cache-aside (`GET` miss, `SET PX`,
+//!   `PUBLISH`).
+//! - `write`: `TieredCache::set` acknowledged vs one bare `EVALSHA` of a script doing the same
+//!   Redis work, value encoding included in both.
 //! - `swr_stale_hit`: a read inside the stale-while-revalidate window vs an L1 hit.
 //! - `contention`: 1,000 tasks on one cold key (one load) vs 1,000 no-op tasks.
 //! - `batch`: `get_or_set_many` of 100 keys vs 100 single reads vs a bare `MGET` + decode.
@@ -245,7 +248,8 @@ async fn raw_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-/// A cold key with a no-op loader (L2 miss, lock, load, conditional write) vs a bare SET + GET.
+/// A cold key with a no-op loader (L2 miss, lock, load, conditional write) vs raw
+/// cache-aside.
 fn miss_load(c: &mut Criterion) {
     let rt = runtime();
     let server = testkit::RedisServer::start();
@@ -273,7 +277,9 @@ fn miss_load(c: &mut Criterion) {
             }
         })
     });
-    g.bench_function("bare_set_get", |b| {
+    // Raw cache-aside, as an application writes it by hand: GET (a miss), load, SET PX, and
+    // PUBLISH so other nodes drop their copies.
+    g.bench_function("bare_cache_aside", |b| {
         b.to_async(&rt).iter(|| {
             let key = format!(
                 "bare{}",
@@ -281,18 +287,78 @@ fn miss_load(c: &mut Criterion) {
             );
             let (mut conn, bytes) = (raw.clone(), bytes.as_slice());
             async move {
+                let got: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert!(got.is_none());
+                let loaded = black_box(bytes);
                 let _: () = redis::cmd("SET")
                     .arg(&key)
-                    .arg(bytes)
+                    .arg(loaded)
+                    .arg("PX")
+                    .arg(3_600_000)
                     .query_async(&mut conn)
                     .await
                     .unwrap();
-                let got: Vec<u8> = redis::cmd("GET")
+                let _: i64 = redis::cmd("PUBLISH")
+                    .arg("bare-invalidations")
                     .arg(&key)
                     .query_async(&mut conn)
                     .await
                     .unwrap();
-                black_box(got)
+                black_box(loaded)
+            }
+        })
+    });
+    g.finish();
+}
+
+/// `set` acknowledged vs one bare `EVALSHA` of a script doing the same Redis work (read the
+/// old header, the clock, SET PX, stamp the version, drop the lock, PUBLISH the announcement).
+fn write(c: &mut Criterion) {
+    let rt = runtime();
+    let server = testkit::RedisServer::start();
+    let opts = tiered::EntryOptions::new(Duration::from_secs(3600));
+    let (ours, raw) = rt.block_on(async {
+        (
+            cache::<Arc<Profile>>(&server.url(), "write", opts).await,
+            raw_conn(&server.url()).await,
+        )
+    });
+    let value = Arc::new(profile());
+    let script = redis::Script::new(
+        r"local t = redis.call('TIME')
+          local h = redis.call('GETRANGE', KEYS[1], 0, 21)
+          redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+          redis.call('SETRANGE', KEYS[1], 14, '12345678')
+          redis.call('DEL', KEYS[2])
+          redis.call('PUBLISH', ARGV[3], ARGV[4])
+          return tonumber(t[1])",
+    );
+    let mut g = c.benchmark_group("write");
+    g.bench_function("tiered_set", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(ours.set("k", &value).await.unwrap()) })
+    });
+    g.bench_function("bare_evalsha", |b| {
+        b.to_async(&rt).iter(|| {
+            let (mut conn, script) = (raw.clone(), &script);
+            async move {
+                // Encoding is part of the baseline, as it is of `set`.
+                let bytes = rmp_serde::to_vec_named(&profile()).unwrap();
+                let v: i64 = script
+                    .key("bare:k")
+                    .key("bare:k:lock")
+                    .arg(bytes)
+                    .arg(3_600_000)
+                    .arg("bare!inval")
+                    .arg("an announcement of about this size, 60 bytes or so.....")
+                    .invoke_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(v)
             }
         })
     });
@@ -569,6 +635,7 @@ criterion_group!(
     l2_hit,
     cluster_l2_hit,
     miss_load,
+    write,
     swr_stale_hit,
     contention,
     batch,

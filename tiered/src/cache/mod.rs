@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -620,19 +621,54 @@ where
     }
 }
 
-/// Runs `change` to its end on a task of its own and waits for it: dropping the returned
-/// future stops the waiting, never the change halfway (its L2 write and its L1 update belong
-/// together). Without a runtime to spawn on, runs it inline.
-async fn finish_detached<T: Send + 'static>(
+/// Runs `change` in the caller's task, to its end even if the returned future is dropped
+/// first: a drop hands what is left of `change` to a task of its own, so dropping stops the
+/// waiting, never the change halfway (its L2 write and its L1 update belong together).
+/// Running it in place saves a task hop on every write (two thread wake-ups when the caller
+/// is not on the runtime's worker). Dropped outside a runtime, the rest cannot run: it is
+/// dropped as a cancelled change (whose outcome in Redis is unknown to this node, which is
+/// what a failed write already is).
+fn finish_detached<T: Send + 'static>(
     change: impl Future<Output = Result<T>> + Send + 'static,
-) -> Result<T> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => match rt.spawn(change).await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(Error::Shutdown),
-        },
-        Err(_) => change.await,
+) -> FinishOnDrop<T> {
+    FinishOnDrop {
+        change: Some(Box::pin(change)),
+    }
+}
+
+/// The future of [`finish_detached`].
+pub(crate) struct FinishOnDrop<T: Send + 'static> {
+    /// `None` once finished (or if it panicked: a panicked change is not resumed).
+    change: Option<Pin<Box<dyn Future<Output = Result<T>> + Send>>>,
+}
+
+impl<T: Send + 'static> Future for FinishOnDrop<T> {
+    type Output = Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        // Taken out while polled: a panic inside drops it, and the drop below resumes nothing.
+        let Some(mut change) = self.change.take() else {
+            return Poll::Ready(Err(Error::Shutdown));
+        };
+        match change.as_mut().poll(cx) {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending => {
+                self.change = Some(change);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for FinishOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(rest) = self.change.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = rest.await;
+            });
+        }
     }
 }
 
