@@ -235,7 +235,10 @@ async fn driver() {
     let stage = |f: &dyn Fn(usize, u64, u64) -> u64| -> Vec<u64> {
         seen.iter().map(|&(i, t, e)| f(i, t, e)).collect()
     };
-    summary("A: set starts -> set returns", stage(&|i, _, _| acked[i] - started[i]));
+    summary(
+        "A: set starts -> set returns",
+        stage(&|i, _, _| acked[i] - started[i]),
+    );
     summary(
         "A: set starts -> message reaches B",
         stage(&|i, _, _| arrived[i].saturating_sub(started[i])),
@@ -257,7 +260,10 @@ async fn driver() {
         "B: eviction applied -> reader sees L1 changed",
         stage(&|i, _, e| e.saturating_sub(applied[i])),
     );
-    summary("B: L1 changed -> get returns it", stage(&|_, t, e| t.saturating_sub(e)));
+    summary(
+        "B: L1 changed -> get returns it",
+        stage(&|_, t, e| t.saturating_sub(e)),
+    );
 }
 
 fn main() {

@@ -10,7 +10,8 @@
 //!   `PUBLISH`).
 //! - `write`: `TieredCache::set` acknowledged vs one bare `EVALSHA` of a script doing the same
 //!   Redis work, value encoding included in both.
-//! - `swr_stale_hit`: a read inside the stale-while-revalidate window vs an L1 hit.
+//! - `swr_stale_hit`: a read inside the stale-while-revalidate window while the refresh runs,
+//!   and the first such read of a key (which starts the refresh), vs an L1 hit.
 //! - `contention`: 1,000 tasks on one cold key (one load) vs 1,000 no-op tasks.
 //! - `batch`: `get_or_set_many` of 100 keys vs 100 single reads vs a bare `MGET` + decode.
 //! - `throughput_l1` / `throughput_l2`: hits per second on a 2-thread runtime, beside bare
@@ -398,9 +399,62 @@ fn swr_stale_hit(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { black_box(fresh.get_or_set(black_box("k"), never).await.unwrap()) })
     });
+    // The first stale read of a key: it answers with the stale value and starts the refresh
+    // (a flight on a task of its own). Each iteration reads a key of its own, made stale
+    // beforehand in L1 only (`skip_l2`); the refreshes' loaders never finish, so no refresh
+    // competes with the measured reads beyond its start (its L2 lock attempt runs on the
+    // worker).
+    let first = rt.block_on(cache::<Arc<Profile>>(&server.url(), "first", stale_opts));
+    let made = std::sync::atomic::AtomicU64::new(0);
+    g.bench_function("first_stale_read", |b| {
+        b.iter_custom(|iters| {
+            let mut took = Duration::ZERO;
+            // In chunks, with a pause after each for the refreshes' Redis round trips: a
+            // backlog of thousands would delay the bus's heartbeat, its lease would lapse,
+            // and stale entries would (rightly) no longer be served.
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(500);
+                left -= n;
+                let from = made.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                let keys: Vec<String> = (from..from + n).map(|i| format!("s{i}")).collect();
+                took += rt.block_on(async {
+                    let only_l1 = stale_opts.skip_l2(true);
+                    for k in &keys {
+                        first
+                            .set_with(k, &Arc::new(profile()), only_l1)
+                            .await
+                            .unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    let start = std::time::Instant::now();
+                    for k in &keys {
+                        black_box(
+                            first
+                                .get_or_set(k, || async {
+                                    std::future::pending::<()>().await;
+                                    Ok::<_, std::io::Error>(Arc::new(profile()))
+                                })
+                                .await
+                                .unwrap(),
+                        );
+                    }
+                    let took = start.elapsed();
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    took
+                });
+            }
+            took
+        })
+    });
     g.finish();
     let stats = stale.stats();
     assert!(stats.stale_served > 0 && stats.refreshes == 1, "{stats:?}");
+    let stats = first.stats();
+    assert!(
+        stats.refreshes > 0 && stats.refreshes == stats.stale_served,
+        "{stats:?}"
+    );
 }
 
 /// 1,000 tasks on one cold key: time until all are answered (the loader must run once), vs
