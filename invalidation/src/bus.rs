@@ -40,7 +40,13 @@ pub const QUEUE_BYTES: usize = 32 << 20;
 pub const MAX_MESSAGE_LEN: usize = 64 << 10;
 
 pub(crate) enum Raw {
+    /// Decoded, checked and (if an eviction) applied by the subscriber's callback.
     Message(Received),
+    /// Left to the task whole: large, or arrived while the callback was over its budget.
+    Payload {
+        channel: String,
+        payload: Vec<u8>,
+    },
     Disconnected,
     Subscribed(String),
     Beat(Beat),
@@ -51,8 +57,49 @@ impl Raw {
     fn bytes(&self) -> usize {
         match self {
             Raw::Message(m) => m.len,
+            Raw::Payload { payload, .. } => payload.len(),
             _ => 0,
         }
+    }
+}
+
+/// Messages up to this size are applied by the subscriber's callback (one key, or a few):
+/// larger ones are left to the bus's task, so no single message holds the callback long.
+const INLINE_MAX_LEN: usize = 2048;
+
+/// The share of each [`BUDGET_WINDOW`] the callback may spend applying messages itself.
+const BUDGET_WINDOW: Duration = Duration::from_millis(100);
+const BUDGET_SPEND: Duration = Duration::from_millis(25);
+
+/// How much the subscriber's callback may do itself. Pushes reach it through redis-rs's own
+/// unbounded channel, so a callback slower than the messages arrive would let that channel
+/// grow without bound: past its budget (a flood), the callback only copies each message into
+/// the bus's bounded queue, as cheaply as it can, and the task applies it (a queue that
+/// fills is a gap, never memory).
+#[derive(Default)]
+struct Budget {
+    window: parking_lot::Mutex<(Option<std::time::Instant>, Duration)>,
+}
+
+impl Budget {
+    /// Whether a message of `len` bytes may be applied by the callback now.
+    fn allows(&self, len: usize) -> bool {
+        if len > INLINE_MAX_LEN {
+            return false;
+        }
+        let mut w = self.window.lock();
+        let now = std::time::Instant::now();
+        if w.0
+            .is_none_or(|start| now.duration_since(start) >= BUDGET_WINDOW)
+        {
+            *w = (Some(now), Duration::ZERO);
+        }
+        w.1 < BUDGET_SPEND
+    }
+
+    fn spend(&self, took: Duration) {
+        let mut w = self.window.lock();
+        w.1 = w.1.saturating_add(took);
     }
 }
 
@@ -171,6 +218,7 @@ impl Bus {
         let counters = Arc::clone(&self.inner.counters);
         let consumers = Arc::clone(&self.inner.consumers);
         let secret = self.inner.config.secret.clone();
+        let budget = Budget::default();
         let subscriber = &self.inner.subscriber;
         let listening = subscriber
             .listen(channel, move |event| {
@@ -179,16 +227,26 @@ impl Bus {
                         counters.malformed.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
+                    l2::Event::Message { channel, payload } if !budget.allows(payload.len()) => {
+                        Raw::Payload {
+                            channel: channel.to_string(),
+                            payload: payload.to_vec(),
+                        }
+                    }
                     l2::Event::Message { channel, payload } => {
-                        let received = Received::read(channel, payload, secret.as_ref());
-                        // Here, before the queue: the eviction reaches L1 at once, and before
-                        // any probe that arrives after it is queued (so before its proof).
+                        let started = std::time::Instant::now();
+                        let mut received = Received::read(channel, payload, secret.as_ref());
+                        // Here, before the queue: the eviction reaches L1 without waiting for
+                        // the bus's task, and before any probe that arrives after it is
+                        // queued (so before its proof).
                         if let Some(evictions) = received.evictions() {
                             let list = consumers.read().get(*channel).cloned();
                             for c in list.into_iter().flatten() {
                                 c(Event::Evict(evictions.clone()));
                             }
                         }
+                        received.mark_applied();
+                        budget.spend(started.elapsed());
                         Raw::Message(received)
                     }
                     l2::Event::Subscribed { channel } => Raw::Subscribed(channel.to_string()),

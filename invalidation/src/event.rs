@@ -79,9 +79,12 @@ pub struct Eviction {
 
 /// A consumer of one channel's events.
 ///
-/// [`Event::Evict`] is called on the subscriber connection's reader, as soon as the message
-/// is read off the socket and checked (decoded; signed, if the bus has a secret): no queue and
-/// no task hop stand between a peer's change and this node's L1. Every other event is called
-/// on the bus's task, in order. Either way the call must be quick and must never block: a
-/// slow eviction holds back every later message of the connection.
+/// [`Event::Evict`] is usually called from the subscriber connection's push callback, as soon
+/// as the message is handed over by the connection and checked (decoded; signed, if the bus
+/// has a secret): the bus's queue and task do not stand between a peer's change and this
+/// node's L1. Large messages, and every message while the callback is over its budget (a
+/// flood), go through the queue and are applied by the bus's task, as every other event is,
+/// in order. Either way the call must be quick and must never block (nor subscribe through
+/// the same connection, which would deadlock): a slow consumer holds back every later
+/// message of the connection.
 pub type Consumer = Arc<dyn Fn(Event) + Send + Sync>;

@@ -34,6 +34,8 @@ pub(crate) struct State {
 /// A message as the subscriber's reader read it: decoded and checked once, there.
 pub(crate) struct Received {
     channel: String,
+    /// Whether its evictions were applied by the callback already (otherwise the task does).
+    pub(crate) applied: bool,
     /// The payload's length (held against the queue's byte budget).
     pub(crate) len: usize,
     /// When it was read (µs since the epoch).
@@ -67,10 +69,24 @@ impl Received {
         };
         Received {
             channel: channel.to_string(),
+            applied: false,
             len: payload.len(),
             at: message::now_micros(),
             decoded,
             check,
+        }
+    }
+
+    /// Marks it applied by the callback, and drops its keys (the task needs only its number,
+    /// vouches and kind; the queue's byte budget counts the payload, not decoded keys).
+    pub(crate) fn mark_applied(&mut self) {
+        self.applied = true;
+        if let Ok(message::Message {
+            action: Action::Evict(keys),
+            ..
+        }) = &mut self.decoded
+        {
+            *keys = Vec::new();
         }
     }
 
@@ -96,12 +112,14 @@ impl Received {
     }
 }
 
-/// What one batch asks for, per channel (evictions were applied by the reader already).
+/// What one batch asks for, per channel.
 #[derive(Default)]
 pub(crate) struct Plan {
     gap_all: Option<GapReason>,
     gaps: HashMap<String, GapReason>,
     clears: HashMap<String, Vec<Event>>,
+    /// Evictions the callback left to the task, in order of arrival.
+    evictions: HashMap<String, Vec<Eviction>>,
     /// The start of the latest probe round that came back.
     pub(crate) confirmed: Option<std::time::Instant>,
 }
@@ -116,6 +134,10 @@ impl State {
         for raw in batch {
             match raw {
                 Raw::Message(received) => self.on_message(inner, &mut plan, received, now),
+                Raw::Payload { channel, payload } => {
+                    let received = Received::read(&channel, &payload, inner.config.secret.as_ref());
+                    self.on_message(inner, &mut plan, received, now)
+                }
                 Raw::Disconnected => self.on_disconnect(counters),
                 Raw::Subscribed(channel) => self.on_subscribed(&mut plan, channel),
                 Raw::Beat(beat) => self.on_beat(counters, &mut plan, beat),
@@ -132,10 +154,19 @@ impl State {
     /// eviction): counted, its lag sampled, its number tracked, and a clear planned.
     fn on_message(&mut self, inner: &Inner, plan: &mut Plan, m: Received, now: Instant) {
         let counters = &inner.counters;
+        if !m.applied
+            && let Some(evictions) = m.evictions()
+        {
+            plan.evictions
+                .entry(m.channel.clone())
+                .or_default()
+                .extend(evictions);
+        }
         counters.received.fetch_add(1, Ordering::Relaxed);
         counters.last_message_micros.store(m.at, Ordering::Relaxed);
         let Received {
             channel,
+            applied: _,
             len,
             at,
             decoded,
@@ -166,7 +197,7 @@ impl State {
         self.sequences
             .see(&channel, msg.origin, msg.seq, &msg.vouches, now);
         match msg.action {
-            // Applied by the reader already.
+            // Applied by the callback, or planned above.
             Action::Evict(_) => {}
             Action::ClearNamespace => plan
                 .clears
@@ -333,6 +364,11 @@ pub(crate) fn deliver(inner: &Inner, plan: Plan) {
         for event in plan.clears.get(channel).into_iter().flatten() {
             for c in list {
                 c(event.clone());
+            }
+        }
+        if let Some(evictions) = plan.evictions.get(channel) {
+            for c in list {
+                c(Event::Evict(evictions.clone()));
             }
         }
     }

@@ -387,8 +387,8 @@ where
         let meta = options.value_meta(None);
         let bytes = self.inner.codec.encode(value, &meta)?;
         let value = (!options.skip_l1).then(|| value.clone());
-        // Once begun, a write runs to its end on its own task: a caller that gives up (a
-        // timeout, a dropped future) cannot leave L2 changed and this node's L1 behind it.
+        // Once begun, a write runs to its end (on a task of its own if the caller gives up: a
+        // timeout, a dropped future): L2 is never left changed with this node's L1 behind it.
         let inner = Arc::clone(&self.inner);
         let key: Arc<str> = key.into();
         finish_detached(
