@@ -48,8 +48,13 @@ fn memory() {
     }
 }
 
-async fn caches() {
-    let server = testkit::RedisServer::start();
+/// Builds 50 caches, each from `builder(i)`, and reports the Redis connections and live tasks
+/// they added.
+async fn fifty(
+    server: &testkit::RedisServer,
+    what: &str,
+    builder: impl Fn(usize) -> tiered::TieredCacheBuilder<u64>,
+) {
     let clients = || {
         server
             .command(&["CLIENT", "LIST"])
@@ -57,52 +62,44 @@ async fn caches() {
             .filter(|l| l.contains("addr="))
             .count()
     };
-    let base = clients();
     let tasks = || {
         tokio::runtime::Handle::current()
             .metrics()
             .num_alive_tasks()
     };
-    let base_tasks = tasks();
+    let (base, base_tasks) = (clients(), tasks());
     let mut all = Vec::new();
     for i in 0..50 {
-        let cache: tiered::TieredCache<u64> = tiered::TieredCache::builder()
-            .namespace(format!("cache{i}"))
-            .redis_url(server.url())
-            .build()
-            .await
-            .unwrap();
-        all.push(cache);
+        all.push(builder(i).build().await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     println!(
-        "50 caches built with TieredCache::builder().redis_url(..): {} Redis connections, {} live tasks",
+        "50 caches {what}: {} more Redis connections, {} more live tasks",
         clients() - base,
         tasks() - base_tasks
     );
-    drop(all);
+}
+
+async fn caches() {
+    let server = testkit::RedisServer::start();
+    let url = server.url();
+    fifty(&server, "built with .redis_url(..)", |i| {
+        tiered::TieredCache::builder()
+            .namespace(format!("cache{i}"))
+            .redis_url(url.clone())
+    })
+    .await;
     let conn = l2::Connection::connect(server.url()).await.unwrap();
     let bus = invalidation::Bus::connect(&conn, invalidation::BusConfig::default())
         .await
         .unwrap();
-    let base = clients();
-    let mut all = Vec::new();
-    for i in 0..50 {
-        let cache: tiered::TieredCache<u64> = tiered::TieredCache::builder()
+    fifty(&server, "given one .connection() and one .bus()", |i| {
+        tiered::TieredCache::builder()
             .namespace(format!("shared{i}"))
             .connection(conn.clone())
             .bus(bus.clone())
-            .build()
-            .await
-            .unwrap();
-        all.push(cache);
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    println!(
-        "50 caches given one .connection() and one .bus(): {} Redis connections beyond those two, {} live tasks",
-        clients() - base,
-        tasks() - base_tasks
-    );
+    })
+    .await;
 }
 
 fn main() {

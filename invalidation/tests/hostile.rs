@@ -421,3 +421,49 @@ async fn a_message_built_but_never_published_causes_no_gap_and_a_lost_acknowledg
     tokio::time::sleep(t * 3).await;
     assert_eq!(sequence_gaps(&seen), 1, "reported once");
 }
+
+/// Messages too large for the subscriber's callback to apply itself (over 2 KiB) are applied
+/// by the bus's task, under the same checks: a signed one is, a forged one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_eviction_is_applied_by_the_task_under_the_same_checks() {
+    let server = RedisServer::start();
+    let config = BusConfig::default().secret("s3cret");
+    let (bus, seen) = bus(&server, config).await;
+    let genuine = bus.publisher(CHANNEL);
+    let other = Key::new(b"another secret");
+    let long = |c: char| std::iter::repeat_n(c, 3000).collect::<String>();
+    let forged = message::encode(
+        &Message {
+            origin: 4242,
+            seq: 1,
+            sent_micros: message::now_micros(),
+            vouches: vec![],
+            action: Action::Evict(vec![(long('f'), 7)]),
+            signature: None,
+        },
+        Some(Signing {
+            key: &other,
+            channel: CHANNEL,
+        }),
+    );
+    let mut conn = raw(&server).await;
+    publish_all(
+        &mut conn,
+        &[
+            forged,
+            with_version(genuine.evict(&long('g')), 8),
+            with_version(genuine.evict("small"), 9),
+        ],
+    )
+    .await;
+    eventually(SOON, "both genuine evictions", || async {
+        evicted(&seen, &long('g')) && evicted(&seen, "small")
+    })
+    .await;
+    assert!(
+        !evicted(&seen, &long('f')),
+        "a forged large eviction applied"
+    );
+    assert_eq!(bus.stats().forged, 1);
+    assert_eq!(sequence_gaps(&seen), 0);
+}
