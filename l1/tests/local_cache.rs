@@ -55,7 +55,8 @@ fn freshness_window_inside_the_lifetime() {
 #[test]
 fn byte_budget_holds_after_ten_times_the_budget() {
     rt().block_on(async {
-        let budget = 100 * 1024;
+        // Room for 100 entries of a 1 KiB value, a key and the per-entry overhead.
+        let budget = 100 * (1024 + 8 + u64::from(l1::ENTRY_OVERHEAD));
         let cache: LocalCache<Vec<u8>> = LocalCache::builder().max_bytes(budget).build();
         for i in 0..1000 {
             let value = vec![0u8; 1024];
@@ -75,13 +76,13 @@ fn byte_budget_holds_after_ten_times_the_budget() {
 }
 
 #[test]
-fn weight_survives_and_counts_key_plus_value() {
+fn weight_survives_and_counts_key_value_and_overhead() {
     rt().block_on(async {
         let cache: LocalCache<String> = LocalCache::builder().build();
         cache.insert("abcd", Entry::new("ns", "x".to_string()).weight(96));
         cache.run_pending_tasks();
         assert_eq!(cache.get("abcd").unwrap().weight_bytes(), 96);
-        assert_eq!(cache.weighted_size(), 100);
+        assert_eq!(cache.weighted_size(), 100 + u64::from(l1::ENTRY_OVERHEAD));
     });
 }
 

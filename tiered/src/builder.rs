@@ -203,7 +203,8 @@ where
         self
     }
 
-    /// The L1 byte budget (values weigh their encoded size). Default: [`l1::DEFAULT_MAX_BYTES`].
+    /// The L1 byte budget (an entry weighs its key, its encoded size and
+    /// [`l1::ENTRY_OVERHEAD`]). Default: [`l1::DEFAULT_MAX_BYTES`].
     pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
         self.l1_max_bytes = bytes;
         self
