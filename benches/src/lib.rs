@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod http;
+
 /// The value every bench and profile reads: a ~1 KiB typed struct.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
