@@ -7,7 +7,8 @@
 //! read the same host clock). The baseline: A publishes N messages with its clock on a bare
 //! channel, and B's bare redis-rs subscriber records when each arrives.
 //!
-//! `cargo bench -p benches --bench propagation`
+//! `cargo bench -p benches --bench propagation`; with `-- fanout`, one writer and 2, 4, 8 and
+//! 16 receiver processes instead.
 
 #![allow(missing_docs)]
 
@@ -266,14 +267,134 @@ async fn driver() {
     );
 }
 
+/// A fan-out receiver: a cache on `url` holding the key, and a consumer beside the cache's
+/// on its bus noting when each of `writes` evictions was applied. Prints `APPLIED <n> <µs>`.
+async fn fanout_receiver(url: String, writes: usize) {
+    let cache = node(&url).await;
+    cache.get("k").await.unwrap();
+    let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(writes)));
+    let noted = std::sync::Arc::clone(&applied);
+    cache
+        .bus()
+        .listen(
+            &invalidation::channel_for(&l2::KeySpace::new("propagation")),
+            std::sync::Arc::new(move |event| {
+                if matches!(event, invalidation::Event::Evict(_)) {
+                    noted.lock().unwrap().push(now_us());
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    println!("READY");
+    while applied.lock().unwrap().len() < writes {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (i, t) in applied.lock().unwrap().iter().enumerate() {
+        println!("APPLIED {} {t}", i + 1);
+    }
+}
+
+/// Redis's CPU time so far (user + sys), in seconds.
+fn redis_cpu(server: &testkit::RedisServer) -> f64 {
+    server
+        .command(&["INFO", "cpu"])
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("used_cpu_sys:")
+                .or_else(|| l.strip_prefix("used_cpu_user:"))
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// One writer, 2 to 16 receiver processes: `set` starts on A → the eviction applied on each
+/// receiver, and Redis's CPU per 1,000 writes. Receivers do not spin on reads (16 of them
+/// would starve two cores): the figure is the eviction, after which a receiver's next read
+/// goes to Redis.
+async fn fanout() {
+    const WRITES: usize = 300;
+    println!("\nfan-out, one writer, {WRITES} changes {GAP:?} apart:");
+    for receivers in [2usize, 4, 8, 16] {
+        let server = testkit::RedisServer::start();
+        let url = server.url();
+        let a = node(&url).await;
+        a.set("k", &"0".to_string()).await.unwrap();
+        let mut children = Vec::new();
+        for _ in 0..receivers {
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .env("PROPAGATION_FANOUT_URL", &url)
+                .env("PROPAGATION_FANOUT_WRITES", WRITES.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            while !line.starts_with("READY") {
+                line.clear();
+                std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            }
+            children.push((child, out));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Redis's CPU while idle for as long as the writes take (heartbeats, probes, its own
+        // timers), then while writing: the difference is the writes' cost.
+        let idle_for = GAP * WRITES as u32;
+        let cpu = redis_cpu(&server);
+        tokio::time::sleep(idle_for).await;
+        let idle = redis_cpu(&server) - cpu;
+        let writing = std::time::Instant::now();
+        let cpu = redis_cpu(&server);
+        let mut started = vec![0u64; WRITES + 1];
+        for (i, start) in started.iter_mut().enumerate().skip(1) {
+            *start = now_us();
+            a.set("k", &i.to_string()).await.unwrap();
+            tokio::time::sleep(GAP).await;
+        }
+        let cpu = redis_cpu(&server) - cpu;
+        let idle = idle * writing.elapsed().as_secs_f64() / idle_for.as_secs_f64();
+        let mut lags = Vec::new();
+        for (mut child, mut out) in children {
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+            child.wait().unwrap();
+            for l in rest.lines() {
+                if let ["APPLIED", i, t] = l.split(' ').collect::<Vec<_>>().as_slice() {
+                    let (i, t): (usize, u64) = (i.parse().unwrap(), t.parse().unwrap());
+                    lags.push(t.saturating_sub(started[i.min(WRITES)]));
+                }
+            }
+        }
+        summary(
+            &format!("{receivers:>2} receivers: set starts -> evicted"),
+            lags,
+        );
+        println!(
+            "{:<40} Redis CPU per 1,000 writes: {:.1} ms beyond idle ({:.1} ms in all)",
+            "",
+            (cpu - idle).max(0.0) * 1e6 / WRITES as f64,
+            cpu * 1e6 / WRITES as f64
+        );
+    }
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    if let Ok(url) = std::env::var("PROPAGATION_FANOUT_URL") {
+        let writes = std::env::var("PROPAGATION_FANOUT_WRITES")
+            .unwrap()
+            .parse()
+            .unwrap();
+        return rt.block_on(fanout_receiver(url, writes));
+    }
     match std::env::var("PROPAGATION_HELPER_URL") {
         Ok(url) => rt.block_on(helper(url)),
+        Err(_) if std::env::args().any(|a| a == "fanout") => rt.block_on(fanout()),
         Err(_) => rt.block_on(driver()),
     }
 }
