@@ -126,6 +126,9 @@ pub(crate) struct Inner {
     /// user's channel pattern covers it).
     probe_channel: OnceLock<String>,
     lease: Lease,
+    /// Held through `listen`: a consumer that joins a channel whose subscription is on its
+    /// way waits for it, and is never dropped by its failure unawares.
+    listening: tokio::sync::Mutex<()>,
 }
 
 /// The invalidation bus of one process: a dedicated subscriber connection (RESP3, reconnects
@@ -166,6 +169,7 @@ impl Bus {
             counters: Arc::default(),
             probe_channel: OnceLock::new(),
             lease,
+            listening: tokio::sync::Mutex::new(()),
         });
         inner.counters.up();
         let (lifeline, closed) = watch::channel(());
@@ -200,9 +204,10 @@ impl Bus {
     ///
     /// # Errors
     /// As [`Subscriber::listen`] (for example an ACL user without rights on the channel); the
-    /// channel's consumers are then dropped. A consumer added while the first one's
-    /// subscription is still on its way returns at once.
+    /// consumer is then dropped. Calls run one at a time, so a consumer added while another's
+    /// subscription is on its way waits for it (and subscribes itself if it failed).
     pub async fn listen(&self, channel: &str, consumer: Consumer) -> l2::Result<()> {
+        let _one_at_a_time = self.inner.listening.lock().await;
         let first = {
             let mut consumers = self.inner.consumers.write();
             let list = consumers.entry(channel.to_string()).or_default();
