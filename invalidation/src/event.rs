@@ -66,7 +66,7 @@ pub enum Event {
     Gap(GapReason),
 }
 
-/// One key to evict.
+/// One key to evict, or to replace when the message carried the new value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Eviction {
     /// The cache key (as the cache's caller gave it).
@@ -75,6 +75,10 @@ pub struct Eviction {
     pub version: u64,
     /// The writing cache.
     pub origin: u64,
+    /// The new value's envelope (as stored in Redis), when the writer carried it in a signed
+    /// message: a consumer that holds an older version of the key may take it instead of
+    /// evicting. Never set from an unsigned message.
+    pub value: Option<Arc<[u8]>>,
 }
 
 /// A consumer of one channel's events.

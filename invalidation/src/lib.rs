@@ -72,15 +72,15 @@
 //! every node, unless a secret is set. Redis ACLs limit who may: give cache users
 //! `&<prefix>*` (their key space's prefix, which covers its channel and this bus's probe
 //! channel) and nothing wider. Forced evictions and clears cost misses (load on L2 and the
-//! loaders), never wrong data: the bus never carries values.
+//! loaders), never wrong data: without a secret the bus never carries values.
 //!
 //! Without a secret ([`BusConfig::default`]) every well-formed message is accepted, as it
 //! always was. In every mode the bus is hardened against hostile bytes: decoding is strict and
 //! never panics (any number, `u64::MAX` included, is just a number); a payload over
 //! [`MAX_MESSAGE_LEN`] is dropped before it is queued; the queue is bounded and an overflow is
 //! a gap, not memory growth; at most 4096 writers' sequences are tracked (the least recently
-//! heard from are forgotten); and bursts are coalesced per (key, origin), so one writer's
-//! message never stands for another's.
+//! heard from are forgotten); and an eviction names its origin, so one writer's message never
+//! stands for another's.
 //!
 //! With [`BusConfig::secret`], every message and probe is signed (HMAC-SHA256 under the
 //! secret, bound to the channel), and receivers drop and count messages that are unsigned
@@ -105,6 +105,13 @@
 //! version compares against what L1 holds, not against messages seen). Replaying a clear, whose
 //! bytes are all signed, is refused outright. A key that is written again invalidates as usual,
 //! whatever was replayed before it.
+//!
+//! **Carried values** ([`Publisher::evict_or_replace`]) exist only on a signed bus, and their
+//! version is signed with them: the writer proposes it, and the script publishes the message
+//! only if it took that version. A replayed carrying message is a genuine value at its genuine
+//! version; consumers take it only over an older copy they hold (see `tiered`'s
+//! `# Consistency`). Unsigned, a replacement is never accepted as a value (it is at most an
+//! eviction on a bus without a secret).
 //!
 //! What the secret does not do: hide anything (messages carry keys in clear; use TLS and ACLs
 //! for that), or stop someone who has it. Every process on the bus must share it.

@@ -4,7 +4,7 @@
 //! offset size field
 //!  0     4    magic         'M' 'L' 'C' 'I'
 //!  4     1    format        2
-//!  5     1    action        1 evict keys, 2 clear namespace, 3 clear all
+//!  5     1    action        1 evict keys, 2 clear namespace, 3 clear all, 4 replace (signed only)
 //!  6     1    flags         bit 0: signed (a tag follows the body); other bits are 0
 //!  7     8    origin        u64 LE: the writing cache's random id
 //! 15     8    sequence      u64 LE: per origin, from 1, one per message built
@@ -15,11 +15,20 @@
 //! evict only:
 //!        2    count n       u16 LE, at least 1
 //!        n ×  key           u16 LE length, then the key's UTF-8 bytes
+//! replace only:
+//!        2+k  key           u16 LE length, then the key's UTF-8 bytes
+//!        8    version       u64 LE: the write version the writer proposed and Redis took
+//!        4+m  value         u32 LE length, then the entry's envelope (as stored in Redis)
 //! signed only:
 //!       32    tag           HMAC-SHA256 of the channel and every byte before the tag
 //! evict only:
 //!        n ×  version       u64 LE: each key's new write version
 //! ```
+//!
+//! A replacement carries a small value to the other nodes, so their next read of it is an L1
+//! hit. Its version is inside the signed part: the writer proposed it, and the write script
+//! published the message only if it took that version (otherwise the eviction went out).
+//! Receivers apply the value only from a signed message; unsigned, it is an eviction at most.
 //!
 //! A writer's Lua script appends the version (it is assigned in Redis), so a single-key
 //! message is built as [`evict_prefix`] plus 8 bytes: the versions stay the last bytes of an
@@ -56,6 +65,15 @@ pub enum Action {
     ClearNamespace,
     /// Drop every L1 of every namespace on this bus.
     ClearAll,
+    /// Key `key` now holds `value` (an entry's envelope) at write `version`.
+    Replace {
+        /// The cache key.
+        key: String,
+        /// The write version.
+        version: u64,
+        /// The entry's envelope, as stored in Redis.
+        value: Vec<u8>,
+    },
 }
 
 impl Action {
@@ -64,6 +82,7 @@ impl Action {
             Action::Evict(_) => 1,
             Action::ClearNamespace => 2,
             Action::ClearAll => 3,
+            Action::Replace { .. } => 4,
         }
     }
 }
@@ -238,6 +257,18 @@ pub fn encode(message: &Message, sign: Option<Signing<'_>>) -> Vec<u8> {
             }
         }
         Action::ClearNamespace | Action::ClearAll => seal(sign, &mut out),
+        Action::Replace {
+            key,
+            version,
+            value,
+        } => {
+            push_key(key, &mut out);
+            out.extend_from_slice(&version.to_le_bytes());
+            let len = value.len().min(u32::MAX as usize);
+            out.extend_from_slice(&(len as u32).to_le_bytes());
+            out.extend_from_slice(&value[..len]);
+            seal(sign, &mut out);
+        }
     }
     out
 }
@@ -274,7 +305,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, MessageError> {
         return Err(MessageError::UnsupportedFormat(bytes[4]));
     }
     let action = bytes[5];
-    if !(1..=3).contains(&action) {
+    if !(1..=4).contains(&action) {
         return Err(MessageError::UnknownAction(action));
     }
     let signed = match bytes[6] {
@@ -297,6 +328,31 @@ pub fn decode(bytes: &[u8]) -> Result<Message, MessageError> {
         at += 8;
     }
     let mut keys = Vec::new();
+    let mut replace = None;
+    if action == 4 {
+        let len = u16_at(bytes, at).ok_or_else(malformed)?;
+        at += 2;
+        let raw = bytes.get(at..at + len).ok_or_else(malformed)?;
+        let key = std::str::from_utf8(raw).map_err(|_| MessageError::BadKey)?;
+        at += len;
+        let version = u64_at(bytes, at).ok_or_else(malformed)?;
+        at += 8;
+        let b: [u8; 4] = bytes
+            .get(at..at + 4)
+            .ok_or_else(malformed)?
+            .try_into()
+            .map_err(|_| malformed())?;
+        at += 4;
+        let len = u32::from_le_bytes(b) as usize;
+        let value = bytes.get(at..at.checked_add(len).ok_or_else(malformed)?);
+        let value = value.ok_or_else(malformed)?.to_vec();
+        at += len;
+        replace = Some(Action::Replace {
+            key: key.to_string(),
+            version,
+            value,
+        });
+    }
     if action == 1 {
         let n = u16_at(bytes, at).ok_or_else(malformed)?;
         if n == 0 || n > MAX_KEYS {
@@ -336,7 +392,8 @@ pub fn decode(bytes: &[u8]) -> Result<Message, MessageError> {
                 .collect::<Result<_, MessageError>>()?,
         ),
         2 => Action::ClearNamespace,
-        _ => Action::ClearAll,
+        3 => Action::ClearAll,
+        _ => replace.ok_or_else(malformed)?,
     };
     Ok(Message {
         origin,
@@ -382,9 +439,34 @@ mod tests {
             },
             clear(Action::ClearNamespace),
             clear(Action::ClearAll),
+            clear(Action::Replace {
+                key: "k".into(),
+                version: u64::MAX,
+                value: vec![],
+            }),
         ] {
             assert_eq!(decode(&encode(&m, None)).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn a_replacement_cut_short_or_with_a_length_past_its_end_is_malformed() {
+        let m = clear(Action::Replace {
+            key: "k".into(),
+            version: 3,
+            value: vec![7; 10],
+        });
+        let bytes = encode(&m, None);
+        for end in HEADER..bytes.len() {
+            assert!(decode(&bytes[..end]).is_err(), "cut at {end}");
+        }
+        let mut long = bytes.clone();
+        let at = bytes.len() - 10 - 4;
+        long[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&long), Err(MessageError::Malformed));
+        let mut trailing = bytes;
+        trailing.push(0);
+        assert_eq!(decode(&trailing), Err(MessageError::Malformed));
     }
 
     #[test]
@@ -394,7 +476,16 @@ mod tests {
             key: &key,
             channel: "users:!inval",
         };
-        for m in [evict(&[("a", 1), ("b", 2)]), clear(Action::ClearAll)] {
+        let replace = clear(Action::Replace {
+            key: "a".into(),
+            version: 9,
+            value: vec![1, 2, 3],
+        });
+        for m in [
+            evict(&[("a", 1), ("b", 2)]),
+            clear(Action::ClearAll),
+            replace,
+        ] {
             let bytes = encode(&m, Some(sign));
             let d = decode(&bytes).unwrap();
             let s = d.signature.clone().unwrap();
@@ -539,13 +630,15 @@ mod tests {
             origin in any::<u64>(),
             seq in any::<u64>(),
             sent in any::<u64>(),
-            action in 1u8..=3,
+            action in 1u8..=4,
             signed in any::<bool>(),
+            value in proptest::collection::vec(any::<u8>(), 0..100),
         ) {
             let action = match action {
                 1 => Action::Evict(keys),
                 2 => Action::ClearNamespace,
-                _ => Action::ClearAll,
+                3 => Action::ClearAll,
+                _ => Action::Replace { key: keys[0].0.clone(), version: keys[0].1, value },
             };
             let m = Message { origin, seq, sent_micros: sent, vouches, action, signature: None };
             let key = Key::new(b"p");

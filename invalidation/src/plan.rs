@@ -2,6 +2,7 @@
 //! consumers ([`deliver`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -77,38 +78,55 @@ impl Received {
         }
     }
 
-    /// Marks it applied by the callback, and drops its keys (the task needs only its number,
-    /// vouches and kind; the queue's byte budget counts the payload, not decoded keys).
+    /// Marks it applied by the callback, and drops its keys and value (the task needs only
+    /// its number, vouches and kind; the queue's byte budget counts the payload, not what was
+    /// decoded from it).
     pub(crate) fn mark_applied(&mut self) {
         self.applied = true;
-        if let Ok(message::Message {
-            action: Action::Evict(keys),
-            ..
-        }) = &mut self.decoded
-        {
-            *keys = Vec::new();
+        if let Ok(msg) = &mut self.decoded {
+            match &mut msg.action {
+                Action::Evict(keys) => *keys = Vec::new(),
+                Action::Replace { key, value, .. } => {
+                    *key = String::new();
+                    *value = Vec::new();
+                }
+                Action::ClearNamespace | Action::ClearAll => {}
+            }
         }
     }
 
-    /// The evictions it asks for, if it is an eviction the bus accepts. Never dropped as a
-    /// replay: applying one again is harmless.
+    /// The evictions it asks for, if it is one the bus accepts. Never dropped as a replay:
+    /// applying one again is harmless, and a replaced value is taken only over an older
+    /// version. A replacement's value is kept only when the message is signed with the
+    /// bus's secret; without one, it is an eviction.
     pub(crate) fn evictions(&self) -> Option<Vec<Eviction>> {
         if !matches!(self.check, Check::Open | Check::Signed) {
             return None;
         }
         let msg = self.decoded.as_ref().ok()?;
-        let Action::Evict(keys) = &msg.action else {
-            return None;
-        };
-        Some(
-            keys.iter()
-                .map(|(key, version)| Eviction {
-                    key: key.clone(),
-                    version: *version,
-                    origin: msg.origin,
-                })
-                .collect(),
-        )
+        match &msg.action {
+            Action::Evict(keys) => Some(
+                keys.iter()
+                    .map(|(key, version)| Eviction {
+                        key: key.clone(),
+                        version: *version,
+                        origin: msg.origin,
+                        value: None,
+                    })
+                    .collect(),
+            ),
+            Action::Replace {
+                key,
+                version,
+                value,
+            } => Some(vec![Eviction {
+                key: key.clone(),
+                version: *version,
+                origin: msg.origin,
+                value: (self.check == Check::Signed).then(|| Arc::from(value.as_slice())),
+            }]),
+            Action::ClearNamespace | Action::ClearAll => None,
+        }
     }
 }
 
@@ -188,7 +206,7 @@ impl State {
             return self.drop_unauthentic(counters, &channel, check);
         }
         if check == Check::Signed
-            && !matches!(msg.action, Action::Evict(_))
+            && matches!(msg.action, Action::ClearNamespace | Action::ClearAll)
             && !self.first_clear(&msg)
         {
             return self.drop_unauthentic(counters, &channel, check);
@@ -198,7 +216,7 @@ impl State {
             .see(&channel, msg.origin, msg.seq, &msg.vouches, now);
         match msg.action {
             // Applied by the callback, or planned above.
-            Action::Evict(_) => {}
+            Action::Evict(_) | Action::Replace { .. } => {}
             Action::ClearNamespace => plan
                 .clears
                 .entry(channel)

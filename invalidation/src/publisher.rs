@@ -87,6 +87,46 @@ impl Publisher {
         message::evict_prefix(self.origin, seq, &vouches, key, self.signing())
     }
 
+    /// The messages announcing a change of `key` that may carry its new value: the eviction
+    /// (as [`Publisher::evict`] builds it) and, when this publisher signs, a replacement
+    /// carrying `value` (the entry's envelope) at the proposed write `version`, both under one
+    /// number. The write script publishes one of the two ([`l2::Carry`]); call
+    /// [`Publisher::acknowledged`] with either once it returned Ok. Without a secret no value
+    /// is carried: receivers could not tell it from a forgery.
+    pub fn evict_or_replace(
+        &self,
+        key: &str,
+        version: u64,
+        value: &[u8],
+    ) -> (Vec<u8>, Option<Vec<u8>>) {
+        let (seq, vouches) = self.next();
+        let signing = self.signing();
+        let evict = message::evict_prefix(self.origin, seq, &vouches, key, signing);
+        let replace = signing.map(|signing| {
+            message::encode(
+                &message::Message {
+                    origin: self.origin,
+                    seq,
+                    sent_micros: message::now_micros(),
+                    vouches,
+                    action: Action::Replace {
+                        key: key.to_string(),
+                        version,
+                        value: value.to_vec(),
+                    },
+                    signature: None,
+                },
+                Some(signing),
+            )
+        });
+        (evict, replace)
+    }
+
+    /// Whether this publisher signs its messages (and so may carry values).
+    pub fn signs(&self) -> bool {
+        self.key.is_some()
+    }
+
     /// The message asking every node to drop this namespace's L1. Call
     /// [`Publisher::acknowledged`] with it once `PUBLISH` returned Ok.
     pub fn clear_namespace(&self) -> Vec<u8> {

@@ -77,7 +77,7 @@ pub use envelope::{
 pub use error::{DecodeError, Error, Result};
 pub use keys::{Key, KeySpace, MAX_KEY_LEN};
 pub use lock::{Lock, LockAttempt, LockWait, LockWaiters};
-pub use store::{Announce, Fetched, RedisStore, Removal, StoreStats};
+pub use store::{Announce, Carry, Fetched, Overwritten, RedisStore, Removal, StoreStats};
 pub use subscriber::{Event, ProbeSigner, Subscriber};
 
 #[cfg(test)]

@@ -28,8 +28,8 @@
 use std::sync::LazyLock;
 
 /// Shared helpers, prepended to every script: `version_of(key)` reads the write version from
-/// an entry's header (0 if absent, not an entry, or beyond `MAX_WRITE_VERSION`); `next_version(key)` is
-/// `max(version_of(key) + 1, TIME in µs)`; `pack(v)` is its 8-byte encoding; `wake(lock,
+/// an entry's header (0 if absent, not an entry, or beyond `MAX_WRITE_VERSION`); `server_now()`
+/// is `TIME` in µs; `next_version(key)` is `max(version_of(key) + 1, server_now())`; `pack(v)` is its 8-byte encoding; `wake(lock,
 /// notices, data)` deletes a lock and, if it existed, publishes `data` on `notices`;
 /// `announce(v, channel, message)` publishes `message .. pack(v)` unless the channel is empty.
 const LIB: &str = r"
@@ -42,10 +42,13 @@ local function version_of(key)
   if v > 4503599627370496 then return 0 end
   return v
 end
-local function next_version(key)
+local function server_now()
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function next_version(key)
   local v = version_of(key) + 1
+  local now = server_now()
   if now > v then v = now end
   return v
 end
@@ -65,15 +68,32 @@ end
 ";
 
 /// `KEYS[1]` data, `KEYS[2]` lock; `ARGV`: bytes, ttl ms, notice channel, announce channel,
-/// announce message. Writes, stamps the next version (see the module docs), breaks the lock
-/// (waking its waiters, if there was one), announces. Returns the version.
+/// announce message, proposed version (0: none), carrying message. Writes, stamps the next
+/// version (see the module docs), breaks the lock (waking its waiters, if there was one),
+/// announces. Returns `{version, carried, now}` (`now`: the server's clock in µs).
+///
+/// A proposed version p is taken instead of the computed one only while the key exists (a
+/// version of ours is there, `previous` > 0) and `previous < p <= now`: then p is above every
+/// version the key ever had (those before it last vanished were below the clock when it was
+/// written again, and so below `previous`), and still below the clock, as the module's
+/// argument needs. The carrying message, signed by the writer with p inside, is published
+/// instead of the announcement (`carried` = 1). Otherwise nothing changes (`carried` = 0).
 const OVERWRITE_BODY: &str = r"
-local v = next_version(KEYS[1])
+local previous = version_of(KEYS[1])
+local now = server_now()
+local v = math.max(previous + 1, now)
+local p = tonumber(ARGV[6]) or 0
+local carried = 0
+if previous > 0 and p > previous and p <= now then v = p; carried = 1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SETRANGE', KEYS[1], 14, pack(v))
 wake(KEYS[2], ARGV[3], KEYS[1])
-announce(v, ARGV[4], ARGV[5])
-return v
+if carried == 1 then
+  redis.call('PUBLISH', ARGV[4], ARGV[7])
+else
+  announce(v, ARGV[4], ARGV[5])
+end
+return {v, carried, now}
 ";
 
 /// `KEYS[1]` data, `KEYS[2]` lock; `ARGV`: tombstone bytes, minimum ttl ms, notice channel,

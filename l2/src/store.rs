@@ -36,6 +36,32 @@ pub struct Announce<'a> {
     pub message: &'a [u8],
 }
 
+/// A write's offer to carry its value to the other nodes: a message built and signed by the
+/// writer with a proposed write `version` inside. The write script takes the version, and
+/// publishes `message` instead of the announcement, only if the key holds an entry whose
+/// version is below it and the server's clock has reached it (see `scripts.rs`); otherwise
+/// the write announces as usual.
+#[derive(Debug, Clone, Copy)]
+pub struct Carry<'a> {
+    /// The proposed write version (server time in µs, at most the server's clock).
+    pub version: u64,
+    /// The message to publish on the announcement's channel if the version is taken.
+    pub message: &'a [u8],
+}
+
+/// What [`RedisStore::overwrite_carrying`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Overwritten {
+    /// The write version.
+    pub version: u64,
+    /// Whether the [`Carry`] was taken: its version, its message published.
+    pub carried: bool,
+    /// The server's clock when the script ran, in µs since the epoch (to propose the next
+    /// [`Carry::version`] from).
+    pub server_micros: u64,
+}
+
 /// What [`RedisStore::remove`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -490,7 +516,26 @@ impl RedisStore {
         ttl: Duration,
         announce: Announce<'_>,
     ) -> Result<u64> {
-        self.overwrite_announcing(key, bytes, ttl, Some(announce))
+        let done = self
+            .overwrite_announcing(key, bytes, ttl, Some(announce), None)
+            .await?;
+        Ok(done.version)
+    }
+
+    /// [`RedisStore::overwrite`], offering to `carry` the value to the other nodes (see
+    /// [`Carry`]; `None`: announce as usual), and telling what happened.
+    ///
+    /// # Errors
+    /// As [`RedisStore::overwrite`].
+    pub async fn overwrite_carrying(
+        &self,
+        key: &Key,
+        bytes: &[u8],
+        ttl: Duration,
+        announce: Announce<'_>,
+        carry: Option<Carry<'_>>,
+    ) -> Result<Overwritten> {
+        self.overwrite_announcing(key, bytes, ttl, Some(announce), carry)
             .await
     }
 
@@ -506,7 +551,10 @@ impl RedisStore {
         bytes: &[u8],
         ttl: Duration,
     ) -> Result<u64> {
-        self.overwrite_announcing(key, bytes, ttl, None).await
+        let done = self
+            .overwrite_announcing(key, bytes, ttl, None, None)
+            .await?;
+        Ok(done.version)
     }
 
     async fn overwrite_announcing(
@@ -515,10 +563,12 @@ impl RedisStore {
         bytes: &[u8],
         ttl: Duration,
         announce: Option<Announce<'_>>,
-    ) -> Result<u64> {
+        carry: Option<Carry<'_>>,
+    ) -> Result<Overwritten> {
         let ms = ttl_ms(ttl)?;
         let (channel, message) = announce.map_or(("", &[][..]), |a| (a.channel, a.message));
-        self.note(
+        let (proposed, carrying) = carry.map_or((0, &[][..]), |c| (c.version, c.message));
+        let (version, carried, server_micros): (u64, i64, u64) = self.note(
             self.conn
                 .invoke_write(
                     "overwrite",
@@ -529,10 +579,17 @@ impl RedisStore {
                         .arg(ms)
                         .arg(key.notice_channel())
                         .arg(channel)
-                        .arg(message),
+                        .arg(message)
+                        .arg(proposed)
+                        .arg(carrying),
                 )
                 .await,
-        )
+        )?;
+        Ok(Overwritten {
+            version,
+            carried: carried == 1,
+            server_micros,
+        })
     }
 
     /// Deletes the value at `key`, in one Lua script: leaves a tombstone (it reads as a miss)

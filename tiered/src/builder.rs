@@ -396,6 +396,7 @@ where
             bus: bus.clone(),
             lease: bus.lease().clone(),
             admission,
+            server_clock: Default::default(),
             max_key_len: self.max_key_len,
             delta: bus.config().bound(),
             hit_ratio_floor: self.hit_ratio_floor,

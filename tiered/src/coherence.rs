@@ -67,6 +67,16 @@ where
                     inner.loads.detach(&e.key);
                     inner.reads.detach(&e.key);
                 }
+                // A peer's new value, carried in its signed announcement: taken in place of
+                // the older copy this node holds, so its next read is an L1 hit.
+                if e.origin != own
+                    && let Some(bytes) = &e.value
+                    && take_carried(inner, &e.key, e.version, bytes)
+                {
+                    bump(&c.invalidations_received);
+                    bump(&c.values_carried);
+                    continue;
+                }
                 // Our own messages too: a write whose caller went away, or whose L1 insert
                 // lost a race, is repaired here.
                 match inner
@@ -99,6 +109,48 @@ where
         }
         _ => inner.invalidate_local(),
     }
+}
+
+/// Puts a value carried by a peer's announcement (`bytes`, an entry's envelope, at write
+/// `version`) in L1, if L1 holds an older version of `key`: the same steps as a fill that
+/// read `version` from L2 would (a ticket taken first, the announcement raising its floor,
+/// the checked insert), then the announcement's eviction of anything older. Returns whether
+/// it did; otherwise the caller evicts as for any announcement. Keys this node does not hold
+/// are not filled (a replayed message can then never plant a value), nor are bytes that do
+/// not decode as this cache's type (a tombstone has no type), or a version not above the one
+/// held.
+fn take_carried<V>(inner: &Inner<V>, key: &str, version: u64, bytes: &[u8]) -> bool
+where
+    V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    let Some(held) = inner.l1.get(key) else {
+        return false;
+    };
+    if held.write_version() >= version {
+        return false;
+    }
+    let Ok((header, value)) = inner.codec.decode_optional(bytes) else {
+        return false;
+    };
+    let key: Arc<str> = key.into();
+    let ticket = inner.admission.begin(&key);
+    // Floors first (fills that began earlier keep older values out), then the new value in
+    // place of the old: a reader never finds the key missing in between. The announcement
+    // after it evicts the older copy if the insert was refused (a local change revoked the
+    // ticket meanwhile), and keeps the value it put.
+    inner.admission.announced(&key, version);
+    let entry = inner
+        .entry(
+            value,
+            bytes.len(),
+            header.meta.fresh_for,
+            header.meta.stale_for,
+            &inner.defaults,
+        )
+        .version(version);
+    Admission::admit(&inner.l1, &key, &ticket, entry);
+    inner.admission.on_announcement(&inner.l1, &key, version);
+    true
 }
 
 /// Admission state of one ticket: the lowest write version it may still insert.

@@ -103,8 +103,8 @@
 //!   copy when the message arrives unless it holds that version or a newer one; a fill (load,
 //!   L2 read) that began before the message may only put that version or a newer one in L1.
 //!   One module, `coherence`, owns that admission rule for every path into L1.
-//! - **On the node that wrote.** A `set`, `invalidate` or `clear` runs to its end on a task of
-//!   its own once called: a caller that times out or drops the future never leaves L2 changed
+//! - **On the node that wrote.** A `set`, `invalidate` or `clear` runs to its end once called
+//!   (on a task of its own if the caller gives up): a caller that times out or drops the future never leaves L2 changed
 //!   and this node's L1 behind it. When the call returns, this node reads the new state: loads
 //!   that began earlier never fill L1 and later callers never join them. `set` with
 //!   [`EntryOptions::skip_l1`] drops this node's older copy. A write whose outcome is unknown
@@ -120,6 +120,19 @@
 //!   back through pub/sub, proving everything published before it has arrived, which renews
 //!   the lease until that round's start + Δ. So an L1 hit is never more than Δ behind a change
 //!   however slow the messages or this process.
+//! - **Carried values (a signed bus only).** A `set` of a value up to 1,536 encoded bytes
+//!   proposes its write version (this node's lower bound of the server's clock, from its last
+//!   write's reply, less 1 ms) and signs a message carrying the key, that version and the
+//!   value. The script takes the version only while the key holds an entry of a lower version
+//!   and the server's clock has reached it, so versions still only go up and stay below the
+//!   clock (the argument above holds unchanged); then it publishes the carrying message
+//!   instead of the eviction. A node that holds an older copy of the key puts the carried
+//!   value in L1 as a fill that read that version from L2 would (same ticket and admission
+//!   rule); a node that does not hold the key ignores the value. Replaying a genuine carrying
+//!   message can therefore never bring an old value back: a node that holds the key holds a
+//!   version at least as new as every message it received, and a node that does not hold it
+//!   takes nothing. Without a secret no value is carried (an unsigned one could be forged),
+//!   and a value that arrives unsigned on a signed bus is dropped with its message.
 //! - **In L2.** A load writes its result only while it holds the key's lock; a write or delete
 //!   breaks the lock, so a load that started before a write never overwrites it.
 //! - **Hostile messages.** Anyone allowed to `PUBLISH` on the channel can force evictions and

@@ -51,6 +51,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "announcements that evicted or cleared something here",
     ),
     (
+        "tiered_values_carried_total",
+        "announcements that carried a peer's new value into L1",
+    ),
+    (
         "tiered_gaps_total",
         "times L1 was dropped because invalidations may have been missed",
     ),
@@ -131,6 +135,7 @@ where
         inner.breaker.times_opened(),
         get(&c.invalidations_sent),
         get(&c.invalidations_received),
+        get(&c.values_carried),
         get(&c.gaps),
         get(&c.l1_unconfirmed),
         bus.probes_late,

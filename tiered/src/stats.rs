@@ -20,6 +20,7 @@ pub(crate) struct Counters {
     pub(crate) invalidations_sent: AtomicU64,
     pub(crate) invalidations_received: AtomicU64,
     pub(crate) invalidations_ignored: AtomicU64,
+    pub(crate) values_carried: AtomicU64,
     pub(crate) gaps: AtomicU64,
     pub(crate) l1_unconfirmed: AtomicU64,
     pub(crate) outage_served: AtomicU64,
@@ -94,6 +95,9 @@ pub struct CacheStats {
     pub invalidations_received: u64,
     /// Announcements ignored because L1 already held that version or a newer one.
     pub invalidations_ignored: u64,
+    /// Of `invalidations_received`: peers' announcements that carried the new value, taken
+    /// into L1 in place of the older copy (a signed bus only).
+    pub values_carried: u64,
     /// Times L1 was dropped because invalidations may have been missed.
     pub gaps: u64,
     /// Reads that found a fresh L1 entry but asked L2, because the bus's lease had run out:

@@ -21,11 +21,25 @@ fn checker_node() {
     checker::node_main();
 }
 
+/// Unsigned: every change evicts (the other groups sign, and small values ride in the
+/// announcements).
 #[test]
 fn three_nodes_never_read_older_than_delta() {
     let server = RedisServer::start();
+    let unsigned = Run {
+        signed: false,
+        ..run(Target::single(server.url()))
+    };
+    let outcome = checker::run("checker_node", &unsigned, || {});
+    verdict("single server, unsigned bus", &outcome, 0);
+}
+
+/// The same with a signed bus: small values ride in the announcements.
+#[test]
+fn three_nodes_with_carried_values_never_read_older_than_delta() {
+    let server = RedisServer::start();
     let outcome = checker::run("checker_node", &run(Target::single(server.url())), || {});
-    verdict("single server", &outcome, 0);
+    verdict("single server, signed bus", &outcome, 0);
 }
 
 /// The same while every subscriber connection is killed once a second: the nodes lose

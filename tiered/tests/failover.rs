@@ -42,6 +42,8 @@ fn a_master_killed_during_the_workload_costs_errors_only_while_it_fails_over() {
         node_url: None,
         cancel_writes: None,
         outage_staleness: None,
+        // Across a failover, carried versions are proposed from the old master's clock.
+        signed: true,
     };
     let mut kill_us = 0;
     let mut failover = Duration::ZERO;

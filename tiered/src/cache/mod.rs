@@ -109,6 +109,8 @@ pub(crate) struct Inner<V> {
     pub(crate) lease: invalidation::Lease,
     /// The one owner of L1 admission (see `coherence`).
     pub(crate) admission: Arc<Admission>,
+    /// The Redis server's clock as the last write saw it: carried values' versions.
+    pub(crate) server_clock: write::ServerClock,
     /// The longest key calls accept.
     pub(crate) max_key_len: usize,
     /// The bus's staleness bound Δ.
@@ -612,6 +614,7 @@ where
             invalidations_sent: get(&c.invalidations_sent),
             invalidations_received: get(&c.invalidations_received),
             invalidations_ignored: get(&c.invalidations_ignored),
+            values_carried: get(&c.values_carried),
             gaps: get(&c.gaps),
             l1_unconfirmed: get(&c.l1_unconfirmed),
             outage_served: get(&c.outage_served),

@@ -3,13 +3,16 @@
 
 use std::sync::Arc;
 
-use l2::{Announce, EntryMeta};
+use std::time::Instant;
+
+use l2::{Announce, Carry, EntryMeta};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::coherence::Admission;
 use crate::error::Result;
 use crate::options::EntryOptions;
+use crate::sync::Mutex;
 
 use super::Inner;
 use crate::stats::bump;
@@ -36,14 +39,34 @@ where
         let weight = bytes.len();
         let mut version = 0;
         if !options.skip_l2 {
-            let message = self.publisher.evict(&key);
+            // With a bus secret, a small value rides in the announcement under a version this
+            // node proposes (the script takes it or announces as usual): the other nodes' next
+            // read of it is an L1 hit.
+            let proposal = (self.publisher.signs() && bytes.len() <= CARRY_MAX_BYTES)
+                .then(|| self.server_clock.propose(Instant::now()))
+                .flatten();
+            let (message, replace) = match proposal {
+                Some(p) => self.publisher.evict_or_replace(&key, p, &bytes),
+                None => (self.publisher.evict(&key), None),
+            };
+            let carry = proposal
+                .zip(replace.as_deref())
+                .map(|(version, message)| Carry { version, message });
             let written = self
                 .store
-                .overwrite(&self.space.key(&key), &bytes, life, self.announce(&message))
+                .overwrite_carrying(
+                    &self.space.key(&key),
+                    &bytes,
+                    life,
+                    self.announce(&message),
+                    carry,
+                )
                 .await;
             self.note_l2(written.as_ref().err());
             match written {
-                Ok(v) => {
+                Ok(done) => {
+                    let v = done.version;
+                    self.server_clock.note(done.server_micros, Instant::now());
                     version = v;
                     // Published for certain: later messages vouch for its number, so a peer
                     // that misses it sees a gap (an unpublished number never is one).
@@ -142,5 +165,31 @@ where
             channel: self.publisher.channel(),
             message,
         }
+    }
+}
+
+/// Values up to this many encoded bytes ride in their write's announcement (when the bus signs
+/// its messages), so a message stays within what the subscriber's callback applies itself.
+pub(crate) const CARRY_MAX_BYTES: usize = 1536;
+
+/// A lower bound of the Redis server's clock, from the last write's reply: the script read
+/// `server_micros` before the reply arrived at `at`, so at any later instant the server's
+/// clock is at least `server_micros` plus the time since `at` (clocks run at the same rate,
+/// to a few parts per million).
+#[derive(Debug, Default)]
+pub(crate) struct ServerClock(Mutex<Option<(u64, Instant)>>);
+
+impl ServerClock {
+    pub(crate) fn note(&self, server_micros: u64, at: Instant) {
+        *self.0.lock() = Some((server_micros, at));
+    }
+
+    /// A write version to propose for a write sent `now`: the lower bound, less 1 ms for the
+    /// clocks' drift since the last reply. `None` before the first write. The script takes
+    /// it only if it is above the key's version and not past its own clock.
+    pub(crate) fn propose(&self, now: Instant) -> Option<u64> {
+        let (server, at) = (*self.0.lock())?;
+        let since = u64::try_from(now.saturating_duration_since(at).as_micros()).unwrap_or(0);
+        Some(server.saturating_add(since).saturating_sub(1_000)).filter(|&p| p > 0)
     }
 }

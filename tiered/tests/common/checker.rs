@@ -47,6 +47,9 @@ pub struct Run {
     pub cancel_writes: Option<(u32, Duration)>,
     /// The nodes' outage staleness ([`EntryOptions::outage_staleness`]); the default if `None`.
     pub outage_staleness: Option<Duration>,
+    /// Whether the nodes' bus signs its messages (and so their writes carry small values to
+    /// the nodes holding the key, instead of evicting it).
+    pub signed: bool,
 }
 
 impl Run {
@@ -59,6 +62,7 @@ impl Run {
             node_url: None,
             cancel_writes: None,
             outage_staleness: None,
+            signed: true,
         }
     }
 }
@@ -107,10 +111,14 @@ pub fn node_main() {
     if let Ok(ms) = std::env::var("TIERED_CHECKER_OUTAGE_MS") {
         options = options.outage_staleness(Duration::from_millis(ms.parse().unwrap()));
     }
+    let config = match std::env::var("TIERED_CHECKER_SIGNED") {
+        Ok(_) => bus().secret("the checker's secret"),
+        Err(_) => bus(),
+    };
     super::node_runtime().block_on(async move {
         let mut builder = TieredCache::builder()
             .namespace("checker")
-            .bus_config(bus())
+            .bus_config(config)
             .default_options(options);
         builder = if cluster {
             builder.redis_cluster(urls.split(','))
@@ -193,11 +201,12 @@ pub fn node_main() {
         }
         let s = cache.stats();
         println!(
-            "NODE {node}: l1 hits {}, l2 hits {}, invalidations received {}, ignored {}, gaps {}, \
-             L1 unconfirmed {}, probe rounds late {}, outage answers {}",
+            "NODE {node}: l1 hits {}, l2 hits {}, invalidations received {} ({} carrying the value), \
+             ignored {}, gaps {}, L1 unconfirmed {}, probe rounds late {}, outage answers {}",
             s.l1_hits,
             s.l2_hits,
             s.invalidations_received,
+            s.values_carried,
             s.invalidations_ignored,
             s.gaps,
             s.l1_unconfirmed,
@@ -242,6 +251,9 @@ pub fn run(node_test: &str, run: &Run, during: impl FnOnce()) -> Outcome {
                 .stderr(Stdio::piped());
             if run.target.cluster {
                 cmd.env("TIERED_CHECKER_CLUSTER", "1");
+            }
+            if run.signed {
+                cmd.env("TIERED_CHECKER_SIGNED", "1");
             }
             if let Some((n, max)) = run.cancel_writes
                 && n == node
