@@ -8,7 +8,8 @@
 //! channel, and B's bare redis-rs subscriber records when each arrives.
 //!
 //! `cargo bench -p benches --bench propagation`; with `-- fanout`, one writer and 2, 4, 8 and
-//! 16 receiver processes instead.
+//! 16 receiver processes instead; with `-- unsigned`, a bus without a secret (no values carried:
+//! B's next read after each change goes to Redis).
 
 #![allow(missing_docs)]
 
@@ -25,11 +26,21 @@ fn now_us() -> u64 {
     invalidation::now_micros()
 }
 
+/// Whether the nodes' bus is signed (the default: small values ride in the announcements);
+/// `-- unsigned` measures the eviction path, where B's next read goes to Redis.
+fn signed() -> bool {
+    std::env::var("PROPAGATION_UNSIGNED").is_err() && !std::env::args().any(|a| a == "unsigned")
+}
+
 async fn node(url: &str) -> TieredCache<String> {
+    let mut bus = BusConfig::default();
+    if signed() {
+        bus = bus.secret("propagation bench");
+    }
     TieredCache::builder()
         .namespace("propagation")
         .redis_url(url)
-        .bus_config(BusConfig::default())
+        .bus_config(bus)
         .default_options(EntryOptions::new(Duration::from_secs(600)))
         .build()
         .await
@@ -127,6 +138,8 @@ async fn helper(url: String) {
         }
         tokio::task::yield_now().await;
     }
+    let st = cache.stats();
+    println!("BSTATS {} {}", st.values_carried, st.l2_hits);
     let bus = cache.bus().stats();
     println!("BUSLAG {} {}", bus.lag_p50_micros, bus.lag_p99_micros);
     for (i, t) in applied.lock().unwrap().iter().enumerate() {
@@ -150,6 +163,7 @@ async fn driver() {
     a.set("k", &"0:0".to_string()).await.unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env("PROPAGATION_HELPER_URL", &url)
+        .envs((!signed()).then_some(("PROPAGATION_UNSIGNED", "1")))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -203,6 +217,9 @@ async fn driver() {
                 from_ack.push(t.saturating_sub(acked[i]));
                 seen.push((i, t, e));
             }
+            ["BSTATS", carried, l2] => println!(
+                "(B: {carried} changes carried their value into L1, {l2} reads from Redis)"
+            ),
             ["BUSLAG", p50, p99] => println!(
                 "(B's bus: message built on A -> read by B's cache, p50 {p50} µs, p99 {p99} µs)"
             ),
@@ -223,7 +240,14 @@ async fn driver() {
             _ => {}
         }
     }
-    println!("\npropagation between two processes, one run ({N} changes, {GAP:?} apart):");
+    println!(
+        "\npropagation between two processes, one run ({N} changes, {GAP:?} apart, {} bus):",
+        if signed() {
+            "signed: values carried"
+        } else {
+            "unsigned: evictions"
+        }
+    );
     let (bp50, bp99) = summary("bare redis-rs PUBLISH -> receive", bare);
     let (tp50, tp99) = summary("TieredCache set starts on A -> get on B", tiered);
     summary("TieredCache set returns on A -> get on B", from_ack);
@@ -241,6 +265,10 @@ async fn driver() {
         stage(&|i, _, _| acked[i] - started[i]),
     );
     summary(
+        "A: set starts -> B's get returns it",
+        stage(&|i, t, _| t.saturating_sub(started[i])),
+    );
+    summary(
         "A: set starts -> message reaches B",
         stage(&|i, _, _| arrived[i].saturating_sub(started[i])),
     );
@@ -252,17 +280,17 @@ async fn driver() {
     skew.sort_unstable();
     println!(
         "{:<40} n={:<5} p50 {:>8.1} µs   p99 {:>8.1} µs   (signed)",
-        "B: message arrives -> eviction applied",
+        "B: message arrives -> applied to L1",
         skew.len(),
         skew[skew.len() / 2] as f64,
         skew[(skew.len() - 1) * 99 / 100] as f64,
     );
     summary(
-        "B: eviction applied -> reader sees L1 changed",
+        "B: applied -> read loop sees L1 changed",
         stage(&|i, _, e| e.saturating_sub(applied[i])),
     );
     summary(
-        "B: L1 changed -> get returns it",
+        "B: L1 changed -> get returns the value",
         stage(&|_, t, e| t.saturating_sub(e)),
     );
 }
@@ -324,6 +352,7 @@ async fn fanout() {
         for _ in 0..receivers {
             let mut child = Command::new(std::env::current_exe().unwrap())
                 .env("PROPAGATION_FANOUT_URL", &url)
+                .envs((!signed()).then_some(("PROPAGATION_UNSIGNED", "1")))
                 .env("PROPAGATION_FANOUT_WRITES", WRITES.to_string())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
