@@ -42,6 +42,9 @@ enum Mode {
 struct State {
     mode: Mode,
     delay: Duration,
+    /// How many cuts so far: a connection open at a cut closes even if it sees the state
+    /// only after a `restore` that followed at once (a watch shows only the latest value).
+    cuts: u64,
 }
 
 /// A TCP proxy on `127.0.0.1` in front of one upstream address, with switchable faults.
@@ -79,6 +82,7 @@ impl Proxy {
         let (state, rx) = watch::channel(State {
             mode: Mode::Forward,
             delay: Duration::ZERO,
+            cuts: 0,
         });
         let thread = std::thread::Builder::new()
             .name(format!("testkit-proxy-{port}"))
@@ -118,7 +122,10 @@ impl Proxy {
     /// plain close: the client reads an error or EOF) and refuses new connections (the
     /// listening socket is closed) until [`restore`](Self::restore).
     pub fn cut(&self) {
-        self.set_mode(Mode::Cut);
+        self.state.send_modify(|s| {
+            s.mode = Mode::Cut;
+            s.cuts += 1;
+        });
     }
 
     /// A partition that sends nothing back: open connections stay open, but nothing is
@@ -216,7 +223,8 @@ async fn accept_loop(
 /// proxy is cut or stopped.
 async fn connection(client: TcpStream, upstream: SocketAddr, mut rx: watch::Receiver<State>) {
     let _ = client.set_nodelay(true);
-    let dead = |s: &State| matches!(s.mode, Mode::Cut | Mode::Stopped);
+    let born = rx.borrow().cuts;
+    let dead = move |s: &State| matches!(s.mode, Mode::Cut | Mode::Stopped) || s.cuts != born;
     let server = tokio::select! {
         s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(upstream)) => s,
         _ = rx.wait_for(dead) => {
@@ -248,12 +256,8 @@ async fn connection(client: TcpStream, upstream: SocketAddr, mut rx: watch::Rece
             if rx.changed().await.is_err() {
                 return;
             }
-            let mode = rx.borrow().mode;
-            if dead(&State {
-                mode,
-                delay: Duration::ZERO,
-            }) || (mode == Mode::Forward && lost.load(Ordering::SeqCst))
-            {
+            let state = *rx.borrow();
+            if dead(&state) || (state.mode == Mode::Forward && lost.load(Ordering::SeqCst)) {
                 return;
             }
         }
@@ -405,6 +409,27 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(ok, "no connection after restore");
+    }
+
+    /// A cut and an immediate restore still close every connection open at the cut (the
+    /// proxy's tasks may see only the restored state).
+    #[test]
+    fn a_cut_restored_at_once_still_closes_open_connections() {
+        let server = RedisServer::start();
+        let proxy = Proxy::start(server.addr());
+        let mut conns: Vec<_> = (0..20).map(|_| connect(&proxy).unwrap()).collect();
+        for s in &mut conns {
+            assert!(ping(s).unwrap());
+        }
+        proxy.cut();
+        proxy.restore();
+        std::thread::sleep(Duration::from_millis(100));
+        for s in &mut conns {
+            assert!(
+                !matches!(ping(s), Ok(true)),
+                "a connection outlived the cut"
+            );
+        }
     }
 
     #[test]
