@@ -40,6 +40,7 @@ async fn node(url: &str) -> TieredCache<String> {
     TieredCache::builder()
         .namespace("propagation")
         .redis_url(url)
+        .carry_values(signed())
         .bus_config(bus)
         .default_options(EntryOptions::new(Duration::from_secs(600)))
         .build()

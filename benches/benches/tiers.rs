@@ -334,6 +334,7 @@ fn write(c: &mut Criterion) {
             .namespace("write-signed")
             .redis_url(server.url())
             .bus_config(invalidation::BusConfig::default().secret("bench"))
+            .carry_values(true)
             .default_options(opts)
             .build()
             .await

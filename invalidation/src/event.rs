@@ -77,7 +77,8 @@ pub struct Eviction {
     pub origin: u64,
     /// The new value's envelope (as stored in Redis), when the writer carried it in a signed
     /// message: a consumer that holds an older version of the key may take it instead of
-    /// evicting. Never set from an unsigned message.
+    /// evicting. Never set from an unsigned message, nor on an eviction the bus's task
+    /// delivers (values go in only in the order their messages arrived).
     pub value: Option<Arc<[u8]>>,
 }
 

@@ -172,13 +172,15 @@ impl State {
     /// eviction): counted, its lag sampled, its number tracked, and a clear planned.
     fn on_message(&mut self, inner: &Inner, plan: &mut Plan, m: Received, now: Instant) {
         let counters = &inner.counters;
+        // Values are taken only by the callback, in the order messages arrive: one applied
+        // here could overtake a newer message the callback already applied.
         if !m.applied
             && let Some(evictions) = m.evictions()
         {
             plan.evictions
                 .entry(m.channel.clone())
                 .or_default()
-                .extend(evictions);
+                .extend(evictions.into_iter().map(|e| Eviction { value: None, ..e }));
         }
         counters.received.fetch_add(1, Ordering::Relaxed);
         counters.last_message_micros.store(m.at, Ordering::Relaxed);

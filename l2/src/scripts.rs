@@ -73,10 +73,12 @@ end
 /// announces. Returns `{version, carried, now}` (`now`: the server's clock in µs).
 ///
 /// A proposed version p is taken instead of the computed one only while the key exists (a
-/// version of ours is there, `previous` > 0) and `previous < p <= now`: then p is above every
-/// version the key ever had (those before it last vanished were below the clock when it was
-/// written again, and so below `previous`), and still below the clock, as the module's
-/// argument needs. The carrying message, signed by the writer with p inside, is published
+/// version of ours is there, `previous` > 0) and `previous < p <= now` with p at most 10 ms
+/// behind `now`: then p is above every version the key ever had (those before it last
+/// vanished were below the clock when it was written again, and so below `previous`), and
+/// still below the clock, as the module's argument needs. The 10 ms bound covers an entry
+/// put back behind the cache's back with an older header (`RESTORE` of a dump, `COPY`): a
+/// version proposed from it is still above every version written more than 10 ms ago. The carrying message, signed by the writer with p inside, is published
 /// instead of the announcement (`carried` = 1). Otherwise nothing changes (`carried` = 0).
 const OVERWRITE_BODY: &str = r"
 local previous = version_of(KEYS[1])
@@ -84,7 +86,7 @@ local now = server_now()
 local v = math.max(previous + 1, now)
 local p = tonumber(ARGV[6]) or 0
 local carried = 0
-if previous > 0 and p > previous and p <= now then v = p; carried = 1 end
+if previous > 0 and p > previous and p <= now and p >= now - 10000 then v = p; carried = 1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SETRANGE', KEYS[1], 14, pack(v))
 wake(KEYS[2], ARGV[3], KEYS[1])

@@ -59,6 +59,7 @@ pub struct TieredCacheBuilder<V> {
     breaker_cooldown: Duration,
     hit_ratio_floor: f64,
     trace_keys: bool,
+    carry_values: bool,
     _type: PhantomData<fn() -> V>,
 }
 
@@ -103,6 +104,7 @@ where
             breaker_cooldown: Duration::from_secs(1),
             hit_ratio_floor: crate::DEFAULT_HIT_RATIO_FLOOR,
             trace_keys: false,
+            carry_values: false,
             _type: PhantomData,
         }
     }
@@ -261,6 +263,19 @@ where
         self
     }
 
+    /// Lets a `set` of a small value (up to 1,536 bytes with its key) carry the value in its
+    /// announcement, so other nodes holding an older copy take the new one into L1 and their
+    /// next read is an L1 hit instead of a Redis round trip. Needs a signed bus
+    /// ([`invalidation::BusConfig::secret`]; without one this does nothing), and every node on
+    /// the bus running a version that understands such messages (this one or later): an older
+    /// node drops them as malformed and would miss the change until a later message of the
+    /// same writer shows the gap. How it keeps the `# Consistency` promise is told there.
+    /// Default: false.
+    pub fn carry_values(mut self, carry: bool) -> Self {
+        self.carry_values = carry;
+        self
+    }
+
     /// Shows keys as they are in tracing spans. Keys can carry user data (emails, ids), so
     /// by default spans show a 64-bit hash of the key instead. Default: false.
     pub fn trace_keys(mut self, raw: bool) -> Self {
@@ -401,6 +416,7 @@ where
             delta: bus.config().bound(),
             hit_ratio_floor: self.hit_ratio_floor,
             trace_keys: self.trace_keys,
+            carry_values: self.carry_values,
         };
         let inner = Arc::new(inner);
         crate::coherence::listen(&inner, &bus, &channel)

@@ -123,17 +123,25 @@ fn take_carried<V>(inner: &Inner<V>, key: &str, version: u64, bytes: &[u8]) -> b
 where
     V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    let Some(held) = inner.l1.get(key) else {
+    // A wholesale drop (a gap, a clear) running now: no value goes in.
+    let drops = inner.admission.drops_started();
+    if drops != inner.admission.drops_ended() {
+        return false;
+    }
+    let key: Arc<str> = key.into();
+    // Before looking at what L1 holds: a local change of the key from now on revokes it.
+    let ticket = inner.admission.begin(&key);
+    // Only over a copy with a version of its own (not a value kept without Redis, version 0,
+    // which has no order against a replayed message).
+    let Some(held) = inner.l1.get(&*key) else {
         return false;
     };
-    if held.write_version() >= version {
+    if held.write_version() == 0 || held.value().local || held.write_version() >= version {
         return false;
     }
     let Ok((header, value)) = inner.codec.decode_optional(bytes) else {
         return false;
     };
-    let key: Arc<str> = key.into();
-    let ticket = inner.admission.begin(&key);
     // Floors first (fills that began earlier keep older values out), then the new value in
     // place of the old: a reader never finds the key missing in between. The announcement
     // after it evicts the older copy if the insert was refused (a local change revoked the
@@ -149,6 +157,12 @@ where
         )
         .version(version);
     Admission::admit(&inner.l1, &key, &ticket, entry);
+    // A drop that began after the check above may have run before the insert: the value goes
+    // too. One that begins after this read drops L1 after the insert.
+    fence(Ordering::SeqCst);
+    if inner.admission.drops_started() != drops {
+        inner.l1.invalidate(&*key);
+    }
     inner.admission.on_announcement(&inner.l1, &key, version);
     true
 }
@@ -168,6 +182,8 @@ type Tickets = HashMap<Arc<str>, Vec<(u64, Floor)>>;
 pub(crate) struct Admission {
     keys: Mutex<Tickets>,
     next_id: AtomicU64,
+    drops_started: AtomicU64,
+    drops_ended: AtomicU64,
 }
 
 impl Admission {
@@ -235,8 +251,27 @@ impl Admission {
         }
     }
 
+    /// Drops every entry of `l1` (a clear, a gap): no fill that began earlier may insert
+    /// anything, and a carried value being taken meanwhile sees it (see `drops_started`).
+    pub(crate) fn drop_all<V: Send + Sync + 'static>(&self, l1: &LocalCache<V>) {
+        self.drops_started.fetch_add(1, Ordering::SeqCst);
+        self.revoke_all();
+        l1.invalidate_all();
+        self.drops_ended.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many wholesale drops began (and ended, below): a carried value is taken only when
+    /// none runs, and given up if one began while it went in.
+    pub(crate) fn drops_started(&self) -> u64 {
+        self.drops_started.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn drops_ended(&self) -> u64 {
+        self.drops_ended.load(Ordering::SeqCst)
+    }
+
     /// Every key changed (a clear, a gap): no fill that began earlier may insert anything.
-    pub(crate) fn revoke_all(&self) {
+    fn revoke_all(&self) {
         for list in self.keys().values() {
             for (_, f) in list {
                 f.store(REVOKED, Ordering::SeqCst);
@@ -556,10 +591,7 @@ mod permutations {
                 let cache = l1();
                 let ticket = admission.begin("k");
                 let (a, c) = (Arc::clone(&admission), Arc::clone(&cache));
-                let gap = shuttle::thread::spawn(move || {
-                    a.revoke_all();
-                    c.invalidate_all();
-                });
+                let gap = shuttle::thread::spawn(move || a.drop_all(&c));
                 Admission::admit(&cache, &Arc::from("k"), &ticket, entry(5));
                 gap.join().unwrap();
                 // moka applies invalidate_all lazily: a read after it sees nothing.

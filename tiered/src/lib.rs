@@ -120,15 +120,19 @@
 //!   back through pub/sub, proving everything published before it has arrived, which renews
 //!   the lease until that round's start + Δ. So an L1 hit is never more than Δ behind a change
 //!   however slow the messages or this process.
-//! - **Carried values (a signed bus only).** A `set` of a value up to 1,536 encoded bytes
-//!   proposes its write version (this node's lower bound of the server's clock, from its last
-//!   write's reply, less 1 ms) and signs a message carrying the key, that version and the
-//!   value. The script takes the version only while the key holds an entry of a lower version
-//!   and the server's clock has reached it, so versions still only go up and stay below the
-//!   clock (the argument above holds unchanged); then it publishes the carrying message
-//!   instead of the eviction. A node that holds an older copy of the key puts the carried
-//!   value in L1 as a fill that read that version from L2 would (same ticket and admission
-//!   rule); a node that does not hold the key ignores the value. Replaying a genuine carrying
+//! - **Carried values** ([`TieredCacheBuilder::carry_values`], a signed bus only). A `set` of
+//!   a value up to 1,536 bytes with its key proposes its write version (this node's lower
+//!   bound of the server's clock, from its last write's reply, less 1 ms) and signs a message
+//!   carrying the key, that version and the value. The script takes the version only while
+//!   the key holds an entry of a lower version and the server's clock has reached it (and is
+//!   at most 10 ms past it), so versions still only go up and stay below the clock (the
+//!   argument above holds unchanged); then it publishes the carrying message instead of the
+//!   eviction. A node that holds an older copy of the key, with a version of its own, puts the
+//!   carried value in L1 as a fill that read that version from L2 would (a ticket taken before
+//!   it looks, the same admission rule), and only from the subscriber's callback, in the order
+//!   messages arrive; a message the bus's task applies (a large one, or during a flood) only
+//!   evicts. A wholesale drop (a gap, a clear) that runs meanwhile wins: the value is given
+//!   up. A node that does not hold the key ignores the value. Replaying a genuine carrying
 //!   message can therefore never bring an old value back: a node that holds the key holds a
 //!   version at least as new as every message it received, and a node that does not hold it
 //!   takes nothing. Without a secret no value is carried (an unsigned one could be forged),

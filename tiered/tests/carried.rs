@@ -22,6 +22,7 @@ async fn node(server: &RedisServer, secret: bool) -> TieredCache<String> {
     }
     builder(server, "carried")
         .bus_config(config)
+        .carry_values(true)
         .build()
         .await
         .unwrap()
@@ -120,9 +121,10 @@ async fn a_replayed_carrying_message_never_brings_an_old_value_back() {
         .await
         .unwrap();
     let channel = invalidation::channel_for(&l2::KeySpace::new("carried"));
-    let replay = |raw: &mut redis::aio::MultiplexedConnection| {
+    let replay = |raw: &mut redis::aio::MultiplexedConnection, only_carrying: bool| {
         let mut pipe = redis::pipe();
-        for m in &old {
+        let carrying = |m: &Vec<u8>| m.windows(2).any(|w| w == b"v2");
+        for m in old.iter().filter(|m| !only_carrying || carrying(m)) {
             pipe.cmd("PUBLISH").arg(&channel).arg(m).ignore();
         }
         let raw = raw.clone();
@@ -131,15 +133,41 @@ async fn a_replayed_carrying_message_never_brings_an_old_value_back() {
             let () = pipe.query_async(&mut raw).await.unwrap();
         }
     };
-    replay(&mut raw).await;
+    replay(&mut raw, false).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v3"));
     // Replayed while B holds nothing: nothing is planted.
     b.invalidate_local();
-    replay(&mut raw).await;
+    replay(&mut raw, false).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!b.is_fresh_locally("k"));
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v3"));
+    // The carrying message replayed while B holds a value of its own without a version (kept
+    // in L1 only): that has no order against the message, which only evicts it.
+    let only_l1 = tiered::EntryOptions::new(Duration::from_secs(60)).skip_l2(true);
+    b.set_with("k", &"mine".to_string(), only_l1).await.unwrap();
+    replay(&mut raw, true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_carry_values_a_signed_bus_only_evicts() {
+    let server = RedisServer::start();
+    let signed = || {
+        builder(&server, "carried")
+            .bus_config(invalidation::BusConfig::default().secret(SECRET))
+            .build()
+    };
+    let (a, b) = (signed().await.unwrap(), signed().await.unwrap());
+    set(&a, "k", "v1").await;
+    assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
+    set(&a, "k", "v2").await;
+    eventually(SOON, "B's copy evicted", || async {
+        !b.is_fresh_locally("k")
+    })
+    .await;
+    assert_eq!(b.stats().values_carried, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

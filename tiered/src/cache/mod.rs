@@ -117,6 +117,8 @@ pub(crate) struct Inner<V> {
     pub(crate) delta: Duration,
     pub(crate) hit_ratio_floor: f64,
     pub(crate) trace_keys: bool,
+    /// Whether writes offer to carry small values ([`crate::TieredCacheBuilder::carry_values`]).
+    pub(crate) carry_values: bool,
 }
 
 /// Dropped with the last [`TieredCache`] handle: ends the background tasks and lets go of the
@@ -699,8 +701,7 @@ where
     pub(crate) fn invalidate_local(&self) {
         self.loads.detach_all();
         self.reads.detach_all();
-        self.admission.revoke_all();
-        self.l1.invalidate_all();
+        self.admission.drop_all(&self.l1);
     }
 
     /// Before joining a flight of `key`: while the bus cannot prove delivery (its lease ran

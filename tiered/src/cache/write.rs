@@ -39,10 +39,12 @@ where
         let weight = bytes.len();
         let mut version = 0;
         if !options.skip_l2 {
-            // With a bus secret, a small value rides in the announcement under a version this
-            // node proposes (the script takes it or announces as usual): the other nodes' next
+            // With `carry_values` and a bus secret, a small value rides in the announcement
+            // under a version this node proposes (the script takes it or announces as usual): the other nodes' next
             // read of it is an L1 hit.
-            let proposal = (self.publisher.signs() && bytes.len() <= CARRY_MAX_BYTES)
+            let proposal = (self.carry_values
+                && self.publisher.signs()
+                && bytes.len() + key.len() <= CARRY_MAX_BYTES)
                 .then(|| self.server_clock.propose(Instant::now()))
                 .flatten();
             let (message, replace) = match proposal {
@@ -168,8 +170,9 @@ where
     }
 }
 
-/// Values up to this many encoded bytes ride in their write's announcement (when the bus signs
-/// its messages), so a message stays within what the subscriber's callback applies itself.
+/// Values whose encoded bytes and key come to at most this ride in their write's announcement
+/// (with `carry_values` and a signed bus): the message then stays within what the
+/// subscriber's callback applies itself (values are taken only there, in arrival order).
 pub(crate) const CARRY_MAX_BYTES: usize = 1536;
 
 /// A lower bound of the Redis server's clock, from the last write's reply: the script read

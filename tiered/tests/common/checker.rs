@@ -116,9 +116,11 @@ pub fn node_main() {
         Err(_) => bus(),
     };
     super::node_runtime().block_on(async move {
+        let carry = config.is_signed();
         let mut builder = TieredCache::builder()
             .namespace("checker")
             .bus_config(config)
+            .carry_values(carry)
             .default_options(options);
         builder = if cluster {
             builder.redis_cluster(urls.split(','))
