@@ -34,10 +34,13 @@ async fn bus(server: &RedisServer, config: BusConfig) -> (Bus, Seen) {
     (bus, seen)
 }
 
+/// A plain connection for publishing floods: no response timeout (a pipeline of megabytes
+/// on a loaded machine takes longer than the default allows).
 async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
     redis::Client::open(server.url())
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .unwrap()
 }
@@ -339,16 +342,29 @@ async fn overflow(flood: Vec<Vec<u8>>) {
     let bus = Bus::connect(&conn, BusConfig::default()).await.unwrap();
     let seen: Seen = Arc::default();
     let sink = Arc::clone(&seen);
-    // The clear holds the bus's task (a worker thread of its own in this test's runtime)
-    // until the flood has overflowed the queue behind it.
+    // Redis must deliver the whole flood, however slowly this machine reads it (no
+    // disconnect for a full output buffer).
+    server.command(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 0 0 0",
+    ]);
+    // The clear holds the bus's task until the flood has overflowed the queue behind it. In
+    // `block_in_place`: the worker's other tasks (the connection's, say, queued behind the
+    // bus's task) move to another thread instead of waiting with it.
     let held = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let hold = Arc::clone(&held);
     let consumer: Consumer = Arc::new(move |event| {
         let slow = matches!(event, Event::ClearNamespace { .. });
         sink.lock().unwrap().push(event);
-        let until = std::time::Instant::now() + Duration::from_secs(60);
-        while slow && hold.load(Ordering::SeqCst) && std::time::Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(5));
+        if slow {
+            tokio::task::block_in_place(|| {
+                let until = std::time::Instant::now() + Duration::from_secs(60);
+                while hold.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
         }
     });
     bus.listen(CHANNEL, consumer).await.unwrap();
