@@ -48,6 +48,26 @@ async fn node(url: &str) -> TieredCache<String> {
         .unwrap()
 }
 
+/// A second consumer on `cache`'s own bus and channel, called right after the cache's: the
+/// times (µs) at which each announcement had been applied to L1.
+async fn note_applied(cache: &TieredCache<String>) -> std::sync::Arc<std::sync::Mutex<Vec<u64>>> {
+    let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(N)));
+    let noted = std::sync::Arc::clone(&applied);
+    cache
+        .bus()
+        .listen(
+            &invalidation::channel_for(&l2::KeySpace::new("propagation")),
+            std::sync::Arc::new(move |event| {
+                if matches!(event, invalidation::Event::Evict(_)) {
+                    noted.lock().unwrap().push(now_us());
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    applied
+}
+
 fn percentile(sorted: &[u64], q: f64) -> f64 {
     let i = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[i] as f64
@@ -98,22 +118,7 @@ async fn helper(url: String) {
             noted.lock().unwrap().push(now_us());
         }
     });
-    // A second consumer on the cache's own bus and channel: called on the bus's reader right
-    // after the cache's, so it notes when the eviction has been applied to L1.
-    let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(N)));
-    let noted = std::sync::Arc::clone(&applied);
-    cache
-        .bus()
-        .listen(
-            &invalidation::channel_for(&l2::KeySpace::new("propagation")),
-            std::sync::Arc::new(move |event| {
-                if matches!(event, invalidation::Event::Evict(_)) {
-                    noted.lock().unwrap().push(now_us());
-                }
-            }),
-        )
-        .await
-        .unwrap();
+    let applied = note_applied(&cache).await;
     println!("TRACING");
     // Each new value seen counts once; a value overtaken before B saw it is simply skipped.
     let mut tiered = Vec::with_capacity(N);
@@ -301,20 +306,7 @@ async fn driver() {
 async fn fanout_receiver(url: String, writes: usize) {
     let cache = node(&url).await;
     cache.get("k").await.unwrap();
-    let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(writes)));
-    let noted = std::sync::Arc::clone(&applied);
-    cache
-        .bus()
-        .listen(
-            &invalidation::channel_for(&l2::KeySpace::new("propagation")),
-            std::sync::Arc::new(move |event| {
-                if matches!(event, invalidation::Event::Evict(_)) {
-                    noted.lock().unwrap().push(now_us());
-                }
-            }),
-        )
-        .await
-        .unwrap();
+    let applied = note_applied(&cache).await;
     println!("READY");
     while applied.lock().unwrap().len() < writes {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -102,22 +102,13 @@ impl Publisher {
         let (seq, vouches) = self.next();
         let signing = self.signing();
         let evict = message::evict_prefix(self.origin, seq, &vouches, key, signing);
-        let replace = signing.map(|signing| {
-            message::encode(
-                &message::Message {
-                    origin: self.origin,
-                    seq,
-                    sent_micros: message::now_micros(),
-                    vouches,
-                    action: Action::Replace {
-                        key: key.to_string(),
-                        version,
-                        value: value.to_vec(),
-                    },
-                    signature: None,
-                },
-                Some(signing),
-            )
+        let replace = signing.is_some().then(|| {
+            let action = Action::Replace {
+                key: key.to_string(),
+                version,
+                value: value.to_vec(),
+            };
+            self.encode(seq, vouches, action)
         });
         (evict, replace)
     }
@@ -174,6 +165,11 @@ impl Publisher {
 
     fn whole(&self, action: Action) -> Vec<u8> {
         let (seq, vouches) = self.next();
+        self.encode(seq, vouches, action)
+    }
+
+    /// Message `seq` of this publisher, sent now, signed if it signs.
+    fn encode(&self, seq: u64, vouches: Vec<u64>, action: Action) -> Vec<u8> {
         message::encode(
             &message::Message {
                 origin: self.origin,
